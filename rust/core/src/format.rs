@@ -1,0 +1,756 @@
+//! The packed format: its one definition (layout, validation, (de)serialisation).
+//!
+//! FORMAT.md in the repository root is the written spec of exactly this module. Every kernel
+//! (CPU here, WGSL in `shaders/`) and the Python side follow it.
+
+use half::f16;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Version of the layout written by this crate. Files with another version are rejected.
+pub const FORMAT_VERSION: u32 = 1;
+/// Rows packed together: one byte holds one code of each of the 5 rows of a group (base 3).
+pub const ROWS_PER_GROUP: usize = 5;
+/// Allowed block sizes (weights per block along K).
+pub const BLOCK_SIZES: [usize; 4] = [32, 64, 128, 256];
+/// Largest valid code byte (3^5 - 1).
+pub const MAX_CODE_BYTE: u8 = 242;
+/// The code byte whose five digits are all 1, i.e. five ternary zeros (padding value).
+pub const ZERO_CODE_BYTE: u8 = 121;
+/// Powers of three: digit `i` of a code byte has weight `POW3[i]`.
+pub const POW3: [u8; 5] = [1, 3, 9, 27, 81];
+/// Widest K for which predator columns are stored as u16.
+pub const MAX_K_U16_COLS: usize = 65536;
+/// The tensor names, in file order.
+pub const TENSOR_NAMES: [&str; 9] = [
+    "codes", "scales", "p2_ptr", "p2_block", "p2_scales", "p2_codes", "out_ptr", "out_cols",
+    "out_vals",
+];
+
+const fn build_digits() -> [[u8; 5]; 256] {
+    let mut t = [[1u8; 5]; 256];
+    let mut v = 0;
+    while v < 243 {
+        let mut i = 0;
+        let mut x = v;
+        while i < 5 {
+            t[v][i] = (x % 3) as u8;
+            x /= 3;
+            i += 1;
+        }
+        v += 1;
+    }
+    t
+}
+
+/// `DIGITS[byte][i]` is the stored digit `c = t + 1` (0, 1 or 2) of row `i` of the group.
+/// Entries for invalid bytes (243..=255) are 1 (ternary 0); validation rejects such bytes.
+pub static DIGITS: [[u8; 5]; 256] = build_digits();
+
+/// Packs five digits `c` (each 0..=2, row 0 first) into one code byte.
+#[inline]
+pub fn pack_digits(c: [u8; 5]) -> u8 {
+    c[0] + 3 * c[1] + 9 * c[2] + 27 * c[3] + 81 * c[4]
+}
+
+/// Errors of the format module: a malformed matrix, an unreadable file, an unknown version.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    /// The arrays or metadata break a rule of FORMAT.md.
+    #[error("{0}")]
+    Invalid(String),
+    /// The file was written by another layout version or is not a predprey file.
+    #[error("{0}")]
+    Version(String),
+    /// Reading or writing the file failed.
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T, FormatError> {
+    Err(FormatError::Invalid(msg.into()))
+}
+
+/// One packed matrix (FORMAT.md, version 1). All arrays are exactly the stored arrays, except
+/// `out_cols`, which is held as u32 in memory whatever its stored width (see `cols_u16`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedMatrix {
+    /// N, output rows.
+    pub rows: usize,
+    /// K, input columns (unpadded).
+    pub cols: usize,
+    /// B, weights per block along K: 32, 64, 128 or 256.
+    pub block_size: usize,
+    /// Plane-1 codes, u8 [G, Kp], base-3 packed over the 5 rows of a group.
+    pub codes: Vec<u8>,
+    /// Plane-1 block scales, f16 [N, nb].
+    pub scales: Vec<f16>,
+    /// Plane-2 CSR over groups, u32 [G + 1].
+    pub p2_ptr: Vec<u32>,
+    /// Plane-2 block index per entry, u16 [E].
+    pub p2_block: Vec<u16>,
+    /// Plane-2 scales, f16 [E, 5] (row `5g+i` at `[e, i]`).
+    pub p2_scales: Vec<f16>,
+    /// Plane-2 codes, u8 [E, B], base-3 packed like `codes`.
+    pub p2_codes: Vec<u8>,
+    /// Predator CSR over rows, u32 [N + 1].
+    pub out_ptr: Vec<u32>,
+    /// Predator columns [M] (stored as u16 when K <= 65536, else u32).
+    pub out_cols: Vec<u32>,
+    /// Predator values, f16 [M].
+    pub out_vals: Vec<f16>,
+}
+
+/// Element type of one stored array.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    U8,
+    U16,
+    U32,
+    F16,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::U8 => 1,
+            Dtype::U16 | Dtype::F16 => 2,
+            Dtype::U32 => 4,
+        }
+    }
+    fn to_st(self) -> safetensors::Dtype {
+        match self {
+            Dtype::U8 => safetensors::Dtype::U8,
+            Dtype::U16 => safetensors::Dtype::U16,
+            Dtype::U32 => safetensors::Dtype::U32,
+            Dtype::F16 => safetensors::Dtype::F16,
+        }
+    }
+    fn from_st(d: safetensors::Dtype) -> Option<Dtype> {
+        match d {
+            safetensors::Dtype::U8 => Some(Dtype::U8),
+            safetensors::Dtype::U16 => Some(Dtype::U16),
+            safetensors::Dtype::U32 => Some(Dtype::U32),
+            safetensors::Dtype::F16 => Some(Dtype::F16),
+            _ => None,
+        }
+    }
+    /// Name as used in messages and in the Python layout description.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::U8 => "uint8",
+            Dtype::U16 => "uint16",
+            Dtype::U32 => "uint32",
+            Dtype::F16 => "float16",
+        }
+    }
+}
+
+/// One stored array as little-endian bytes, with its dtype and shape.
+#[derive(Clone, Debug)]
+pub struct Tensor<'a> {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Cow<'a, [u8]>,
+}
+
+impl safetensors::View for &Tensor<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype.to_st()
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Shape parameters derived from (N, K, B).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub rows: usize,
+    pub cols: usize,
+    pub block_size: usize,
+    /// nb = ceil(K / B)
+    pub n_blocks: usize,
+    /// Kp = nb * B
+    pub padded_cols: usize,
+    /// G = ceil(N / 5)
+    pub n_groups: usize,
+}
+
+impl Dims {
+    /// Checks (N, K, B) and derives the rest.
+    pub fn new(rows: usize, cols: usize, block_size: usize) -> Result<Dims, FormatError> {
+        if rows == 0 || cols == 0 {
+            return invalid(format!(
+                "matrix is {rows}x{cols}; a packed matrix needs at least 1 row and 1 column"
+            ));
+        }
+        if !BLOCK_SIZES.contains(&block_size) {
+            return invalid(format!(
+                "block_size is {block_size}; expected one of 32, 64, 128, 256"
+            ));
+        }
+        let n_blocks = cols.div_ceil(block_size);
+        if n_blocks > u16::MAX as usize + 1 {
+            return invalid(format!(
+                "K = {cols} gives {n_blocks} blocks of {block_size}; at most 65536 blocks per row"
+            ));
+        }
+        if rows >= u32::MAX as usize / 2 {
+            return invalid(format!("N = {rows} rows is too many (at most 2^31)"));
+        }
+        Ok(Dims {
+            rows,
+            cols,
+            block_size,
+            n_blocks,
+            padded_cols: n_blocks * block_size,
+            n_groups: rows.div_ceil(ROWS_PER_GROUP),
+        })
+    }
+    /// Whether predator columns are stored as u16.
+    pub fn cols_u16(&self) -> bool {
+        self.cols <= MAX_K_U16_COLS
+    }
+    /// Bytes of the parts every matrix of this shape pays: plane-1 codes and scales plus both
+    /// pointer arrays (with no plane-2 entry and no predator).
+    pub fn fixed_bytes(&self) -> usize {
+        self.n_groups * self.padded_cols
+            + 2 * self.rows * self.n_blocks
+            + 4 * (self.n_groups + 1)
+            + 4 * (self.rows + 1)
+    }
+    /// Bytes one plane-2 entry costs: B code bytes, 5 f16 scales, one u16 block index.
+    pub fn p2_entry_bytes(&self) -> usize {
+        self.block_size + 2 * ROWS_PER_GROUP + 2
+    }
+    /// Bytes one predator costs: its f16 value and its column index.
+    pub fn predator_bytes(&self) -> usize {
+        2 + if self.cols_u16() { 2 } else { 4 }
+    }
+}
+
+impl PackedMatrix {
+    /// Derived shape parameters.
+    pub fn dims(&self) -> Dims {
+        Dims {
+            rows: self.rows,
+            cols: self.cols,
+            block_size: self.block_size,
+            n_blocks: self.cols.div_ceil(self.block_size),
+            padded_cols: self.cols.div_ceil(self.block_size) * self.block_size,
+            n_groups: self.rows.div_ceil(ROWS_PER_GROUP),
+        }
+    }
+
+    /// Number of plane-2 entries E.
+    pub fn n_p2_entries(&self) -> usize {
+        self.p2_block.len()
+    }
+
+    /// Number of predators M.
+    pub fn n_outliers(&self) -> usize {
+        self.out_vals.len()
+    }
+
+    /// 1 if no block has a second plane, else 2.
+    pub fn planes(&self) -> usize {
+        if self.p2_block.is_empty() {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// Bytes of all nine stored arrays (the file body, without the safetensors header).
+    pub fn nbytes(&self) -> usize {
+        let d = self.dims();
+        d.fixed_bytes() + self.n_p2_entries() * d.p2_entry_bytes()
+            + self.n_outliers() * d.predator_bytes()
+    }
+
+    /// 8 * nbytes / (N * K): every stored byte counted.
+    pub fn bits_per_weight(&self) -> f64 {
+        8.0 * self.nbytes() as f64 / (self.rows as f64 * self.cols as f64)
+    }
+
+    /// Checks every rule of FORMAT.md. Cost is linear in the stored size.
+    pub fn validate(&self) -> Result<(), FormatError> {
+        let d = Dims::new(self.rows, self.cols, self.block_size)?;
+        let (g, nb, kp, b) = (d.n_groups, d.n_blocks, d.padded_cols, d.block_size);
+        let e = self.p2_block.len();
+        let m = self.out_vals.len();
+        let check_len = |name: &str, got: usize, want: usize| {
+            if got != want {
+                invalid(format!("array `{name}` has {got} elements; expected {want}"))
+            } else {
+                Ok(())
+            }
+        };
+        check_len("codes", self.codes.len(), g * kp)?;
+        check_len("scales", self.scales.len(), self.rows * nb)?;
+        check_len("p2_ptr", self.p2_ptr.len(), g + 1)?;
+        check_len("p2_scales", self.p2_scales.len(), e * ROWS_PER_GROUP)?;
+        check_len("p2_codes", self.p2_codes.len(), e * b)?;
+        check_len("out_ptr", self.out_ptr.len(), self.rows + 1)?;
+        check_len("out_cols", self.out_cols.len(), m)?;
+        let pad_rows = g * ROWS_PER_GROUP - self.rows;
+        check_codes("codes", &self.codes, kp, self.cols, pad_rows, |i| i / kp == g - 1)?;
+        for (name, arr) in [("scales", &self.scales), ("p2_scales", &self.p2_scales), ("out_vals", &self.out_vals)] {
+            if let Some(i) = arr.iter().position(|v| !v.is_finite()) {
+                return invalid(format!("array `{name}` has a non-finite value at index {i}; expected finite FP16"));
+            }
+        }
+        check_ptr("p2_ptr", &self.p2_ptr, e)?;
+        check_ptr("out_ptr", &self.out_ptr, m)?;
+        for gi in 0..g {
+            let (s, t) = (self.p2_ptr[gi] as usize, self.p2_ptr[gi + 1] as usize);
+            for j in s..t {
+                let blk = self.p2_block[j] as usize;
+                if blk >= nb {
+                    return invalid(format!("p2_block[{j}] = {blk} (group {gi}) is out of range; expected < {nb} blocks"));
+                }
+                if j > s && self.p2_block[j - 1] as usize >= blk {
+                    return invalid(format!("p2_block is not strictly increasing in group {gi} at entry {j}"));
+                }
+                let last_group = gi == g - 1;
+                let block_cols = (self.cols - blk * b).min(b);
+                check_codes("p2_codes", &self.p2_codes[j * b..(j + 1) * b], b, block_cols, pad_rows, |_| last_group)
+                    .map_err(|err| FormatError::Invalid(format!("{err} (entry {j})")))?;
+                if last_group {
+                    for i in (ROWS_PER_GROUP - pad_rows)..ROWS_PER_GROUP {
+                        if self.p2_scales[j * ROWS_PER_GROUP + i].to_f32() != 0.0 {
+                            return invalid(format!("p2_scales[{j}, {i}] belongs to a padding row and must be 0"));
+                        }
+                    }
+                }
+            }
+        }
+        for r in 0..self.rows {
+            let (s, t) = (self.out_ptr[r] as usize, self.out_ptr[r + 1] as usize);
+            for j in s..t {
+                let c = self.out_cols[j] as usize;
+                if c >= self.cols {
+                    return invalid(format!("out_cols[{j}] = {c} (row {r}) is out of range; expected < K = {}", self.cols));
+                }
+                if j > s && self.out_cols[j - 1] as usize >= c {
+                    return invalid(format!("out_cols is not strictly increasing in row {r} at index {j}"));
+                }
+                if self.plane_code(r, c) != 0 || self.plane2_code(r, c) != 0 {
+                    return invalid(format!("predator at row {r}, col {c} has a non-zero ternary code; expected 0 under every predator"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Plane-1 ternary code (-1, 0, +1) of weight (r, k). `r < N`, `k < Kp`.
+    #[inline]
+    pub fn plane_code(&self, r: usize, k: usize) -> i8 {
+        let kp = self.dims().padded_cols;
+        let byte = self.codes[(r / ROWS_PER_GROUP) * kp + k];
+        DIGITS[byte as usize][r % ROWS_PER_GROUP] as i8 - 1
+    }
+
+    /// Index range of the plane-2 entries of group `g`.
+    #[inline]
+    pub fn p2_range(&self, g: usize) -> std::ops::Range<usize> {
+        self.p2_ptr[g] as usize..self.p2_ptr[g + 1] as usize
+    }
+
+    /// The plane-2 entry of (group of r, block of k), if any.
+    pub fn p2_entry(&self, r: usize, k: usize) -> Option<usize> {
+        let blk = (k / self.block_size) as u16;
+        let range = self.p2_range(r / ROWS_PER_GROUP);
+        let s = range.start;
+        self.p2_block[range].binary_search(&blk).ok().map(|j| s + j)
+    }
+
+    /// Plane-2 ternary code of weight (r, k); 0 where the block has no plane-2 entry.
+    pub fn plane2_code(&self, r: usize, k: usize) -> i8 {
+        match self.p2_entry(r, k) {
+            Some(e) => {
+                let byte = self.p2_codes[e * self.block_size + k % self.block_size];
+                DIGITS[byte as usize][r % ROWS_PER_GROUP] as i8 - 1
+            }
+            None => 0,
+        }
+    }
+
+    /// Reference decode of row `r` into `out[..K]` (float32), straight from FORMAT.md.
+    /// This is the definition every kernel is tested against; it is not fast.
+    pub fn decode_row(&self, r: usize, out: &mut [f32]) {
+        let d = self.dims();
+        let (b, kp) = (d.block_size, d.padded_cols);
+        let (g, i) = (r / ROWS_PER_GROUP, r % ROWS_PER_GROUP);
+        for (k, o) in out.iter_mut().enumerate().take(self.cols) {
+            let t1 = DIGITS[self.codes[g * kp + k] as usize][i] as f32 - 1.0;
+            *o = self.scales[r * d.n_blocks + k / b].to_f32() * t1;
+        }
+        for e in self.p2_range(g) {
+            let blk = self.p2_block[e] as usize;
+            let s2 = self.p2_scales[e * ROWS_PER_GROUP + i].to_f32();
+            for kk in 0..b {
+                let k = blk * b + kk;
+                if k < self.cols {
+                    let t2 = DIGITS[self.p2_codes[e * b + kk] as usize][i] as f32 - 1.0;
+                    out[k] += s2 * t2;
+                }
+            }
+        }
+        for j in self.out_ptr[r] as usize..self.out_ptr[r + 1] as usize {
+            out[self.out_cols[j] as usize] += self.out_vals[j].to_f32();
+        }
+    }
+
+    /// The dense matrix W, float32 [N, K] row-major.
+    pub fn decompress(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.rows * self.cols];
+        for (r, row) in w.chunks_mut(self.cols).enumerate() {
+            self.decode_row(r, row);
+        }
+        w
+    }
+
+    /// The nine stored arrays, in `TENSOR_NAMES` order, as little-endian bytes.
+    pub fn to_tensors(&self) -> Vec<(&'static str, Tensor<'_>)> {
+        let d = self.dims();
+        let e = self.n_p2_entries();
+        let m = self.n_outliers();
+        fn f16_bytes(v: &[f16]) -> Cow<'_, [u8]> {
+            Cow::Owned(v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect())
+        }
+        let cols: (Dtype, Cow<'_, [u8]>) = if d.cols_u16() {
+            (Dtype::U16, Cow::Owned(self.out_cols.iter().flat_map(|&c| (c as u16).to_le_bytes()).collect()))
+        } else {
+            (Dtype::U32, Cow::Owned(self.out_cols.iter().flat_map(|c| c.to_le_bytes()).collect()))
+        };
+        let t = |dtype, shape: Vec<usize>, data| Tensor { dtype, shape, data };
+        vec![
+            ("codes", t(Dtype::U8, vec![d.n_groups, d.padded_cols], Cow::Borrowed(&self.codes[..]))),
+            ("scales", t(Dtype::F16, vec![self.rows, d.n_blocks], f16_bytes(&self.scales))),
+            ("p2_ptr", t(Dtype::U32, vec![d.n_groups + 1], Cow::Owned(self.p2_ptr.iter().flat_map(|c| c.to_le_bytes()).collect()))),
+            ("p2_block", t(Dtype::U16, vec![e], Cow::Owned(self.p2_block.iter().flat_map(|c| c.to_le_bytes()).collect()))),
+            ("p2_scales", t(Dtype::F16, vec![e, ROWS_PER_GROUP], f16_bytes(&self.p2_scales))),
+            ("p2_codes", t(Dtype::U8, vec![e, d.block_size], Cow::Borrowed(&self.p2_codes[..]))),
+            ("out_ptr", t(Dtype::U32, vec![self.rows + 1], Cow::Owned(self.out_ptr.iter().flat_map(|c| c.to_le_bytes()).collect()))),
+            ("out_cols", t(cols.0, vec![m], cols.1)),
+            ("out_vals", t(Dtype::F16, vec![m], f16_bytes(&self.out_vals))),
+        ]
+    }
+
+    /// Metadata strings stored beside the arrays (safetensors `__metadata__`).
+    pub fn metadata(&self) -> HashMap<String, String> {
+        HashMap::from([
+            ("format".to_string(), "predprey".to_string()),
+            ("format_version".to_string(), FORMAT_VERSION.to_string()),
+            ("rows".to_string(), self.rows.to_string()),
+            ("cols".to_string(), self.cols.to_string()),
+            ("block_size".to_string(), self.block_size.to_string()),
+        ])
+    }
+
+    /// Rebuilds and validates a matrix from its metadata and arrays (by name). Every dtype,
+    /// shape and rule of FORMAT.md is checked; `get` returns None for a missing array.
+    pub fn from_tensors<'a>(
+        meta: &HashMap<String, String>,
+        get: impl Fn(&str) -> Option<Tensor<'a>>,
+    ) -> Result<PackedMatrix, FormatError> {
+        let field = |k: &str| -> Result<&String, FormatError> {
+            meta.get(k).ok_or_else(|| FormatError::Version(format!("metadata has no `{k}`; not a predprey matrix")))
+        };
+        if field("format")? != "predprey" {
+            return Err(FormatError::Version(format!("metadata format is {:?}; expected \"predprey\"", field("format")?)));
+        }
+        let ver = field("format_version")?;
+        if ver != &FORMAT_VERSION.to_string() {
+            return Err(FormatError::Version(format!(
+                "format_version is {ver:?}; this build reads version {FORMAT_VERSION} only"
+            )));
+        }
+        let num = |k: &str| -> Result<usize, FormatError> {
+            let v = field(k)?;
+            v.parse::<usize>().map_err(|_| FormatError::Invalid(format!("metadata `{k}` = {v:?} is not a non-negative integer")))
+        };
+        let d = Dims::new(num("rows")?, num("cols")?, num("block_size")?)?;
+        let fetch = |name: &str, dtype: Dtype, ndim: usize| -> Result<Tensor<'a>, FormatError> {
+            let t = get(name).ok_or_else(|| FormatError::Invalid(format!("array `{name}` is missing")))?;
+            if t.dtype != dtype {
+                return invalid(format!("array `{name}` has dtype {}; expected {}", t.dtype.name(), dtype.name()));
+            }
+            if t.shape.len() != ndim {
+                return invalid(format!("array `{name}` has {} dims; expected {ndim}", t.shape.len()));
+            }
+            let n: usize = t.shape.iter().product();
+            if t.data.len() != n * dtype.size() {
+                return invalid(format!("array `{name}` holds {} bytes; its shape {:?} needs {}", t.data.len(), t.shape, n * dtype.size()));
+            }
+            Ok(t)
+        };
+        let want_shape = |name: &str, t: &Tensor, shape: &[usize]| {
+            if t.shape != shape {
+                invalid(format!("array `{name}` has shape {:?}; expected {:?}", t.shape, shape))
+            } else {
+                Ok(())
+            }
+        };
+        let u16s = |t: &Tensor| -> Vec<u16> { t.data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect() };
+        let u32s = |t: &Tensor| -> Vec<u32> { t.data.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect() };
+        let f16s = |t: &Tensor| -> Vec<f16> { u16s(t).into_iter().map(f16::from_bits).collect() };
+
+        let codes = fetch("codes", Dtype::U8, 2)?;
+        want_shape("codes", &codes, &[d.n_groups, d.padded_cols])?;
+        let scales = fetch("scales", Dtype::F16, 2)?;
+        want_shape("scales", &scales, &[d.rows, d.n_blocks])?;
+        let p2_ptr = fetch("p2_ptr", Dtype::U32, 1)?;
+        want_shape("p2_ptr", &p2_ptr, &[d.n_groups + 1])?;
+        let p2_block = fetch("p2_block", Dtype::U16, 1)?;
+        let e = p2_block.shape[0];
+        let p2_scales = fetch("p2_scales", Dtype::F16, 2)?;
+        want_shape("p2_scales", &p2_scales, &[e, ROWS_PER_GROUP])?;
+        let p2_codes = fetch("p2_codes", Dtype::U8, 2)?;
+        want_shape("p2_codes", &p2_codes, &[e, d.block_size])?;
+        let out_ptr = fetch("out_ptr", Dtype::U32, 1)?;
+        want_shape("out_ptr", &out_ptr, &[d.rows + 1])?;
+        let out_vals = fetch("out_vals", Dtype::F16, 1)?;
+        let m = out_vals.shape[0];
+        let col_dtype = if d.cols_u16() { Dtype::U16 } else { Dtype::U32 };
+        let out_cols = fetch("out_cols", col_dtype, 1)?;
+        want_shape("out_cols", &out_cols, &[m])?;
+        let p = PackedMatrix {
+            rows: d.rows,
+            cols: d.cols,
+            block_size: d.block_size,
+            codes: codes.data.into_owned(),
+            scales: f16s(&scales),
+            p2_ptr: u32s(&p2_ptr),
+            p2_block: u16s(&p2_block),
+            p2_scales: f16s(&p2_scales),
+            p2_codes: p2_codes.data.into_owned(),
+            out_ptr: u32s(&out_ptr),
+            out_cols: if d.cols_u16() { u16s(&out_cols).into_iter().map(u32::from).collect() } else { u32s(&out_cols) },
+            out_vals: f16s(&out_vals),
+        };
+        p.validate()?;
+        Ok(p)
+    }
+
+    /// Serialises to safetensors bytes (header + the nine arrays).
+    pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>, FormatError> {
+        let tensors = self.to_tensors();
+        let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+        safetensors::serialize(refs, Some(self.metadata()))
+            .map_err(|e| FormatError::Invalid(format!("could not serialise: {e}")))
+    }
+
+    /// Parses and validates safetensors bytes written by `to_safetensors_bytes`.
+    pub fn from_safetensors_bytes(buf: &[u8]) -> Result<PackedMatrix, FormatError> {
+        let st = safetensors::SafeTensors::deserialize(buf)
+            .map_err(|e| FormatError::Invalid(format!("not a readable safetensors file (truncated or corrupted?): {e}")))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(buf)
+            .map_err(|e| FormatError::Invalid(format!("unreadable safetensors header: {e}")))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+        names.sort();
+        for n in &names {
+            if !TENSOR_NAMES.contains(&n.as_str()) {
+                return invalid(format!("unexpected array `{n}`; a predprey matrix file holds only {TENSOR_NAMES:?}"));
+            }
+        }
+        PackedMatrix::from_tensors(&meta, |name| {
+            let v = st.tensor(name).ok()?;
+            Some(Tensor { dtype: Dtype::from_st(v.dtype())?, shape: v.shape().to_vec(), data: Cow::Borrowed(v.data()) })
+        })
+        .or_else(|e| match e {
+            // A dtype we do not know surfaces as "missing"; say what it really is.
+            FormatError::Invalid(msg) if msg.ends_with("is missing") => {
+                for n in TENSOR_NAMES {
+                    if let Ok(v) = st.tensor(n) {
+                        if Dtype::from_st(v.dtype()).is_none() {
+                            return invalid(format!("array `{n}` has dtype {:?}; not a predprey dtype", v.dtype()));
+                        }
+                    }
+                }
+                Err(FormatError::Invalid(msg))
+            }
+            other => Err(other),
+        })
+    }
+
+    /// Writes one matrix per safetensors file, atomically: a temporary file in the same
+    /// directory is written, flushed and renamed over `path`; on failure nothing is left.
+    pub fn save(&self, path: &Path) -> Result<(), FormatError> {
+        let bytes = self.to_safetensors_bytes()?;
+        write_atomic(path, &bytes)
+    }
+
+    /// Reads and validates a file written by `save`.
+    pub fn load(path: &Path) -> Result<PackedMatrix, FormatError> {
+        let buf = std::fs::read(path).map_err(|e| FormatError::Io { path: path.display().to_string(), source: e })?;
+        PackedMatrix::from_safetensors_bytes(&buf).map_err(|e| match e {
+            FormatError::Invalid(m) => FormatError::Invalid(format!("{}: {m}", path.display())),
+            FormatError::Version(m) => FormatError::Version(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary sibling file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FormatError> {
+    use std::io::Write;
+    let io = |e| FormatError::Io { path: path.display().to_string(), source: e };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| FormatError::Invalid(format!("{}: not a file path", path.display())))?;
+    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+fn check_ptr(name: &str, ptr: &[u32], total: usize) -> Result<(), FormatError> {
+    if ptr[0] != 0 {
+        return invalid(format!("{name}[0] = {}; expected 0", ptr[0]));
+    }
+    if let Some(i) = ptr.windows(2).position(|w| w[1] < w[0]) {
+        return invalid(format!("{name} decreases at index {}; expected non-decreasing", i + 1));
+    }
+    let last = *ptr.last().unwrap() as usize;
+    if last != total {
+        return invalid(format!("{name} ends at {last}; expected {total} (the number of entries)"));
+    }
+    Ok(())
+}
+
+/// Checks code bytes laid out in rows of `width` columns: each byte <= 242, columns at or past
+/// `real_cols` are all-zero (121), and in rows where `last(i)` holds the top `pad_rows` digits are 1.
+fn check_codes(
+    name: &str,
+    codes: &[u8],
+    width: usize,
+    real_cols: usize,
+    pad_rows: usize,
+    last: impl Fn(usize) -> bool,
+) -> Result<(), FormatError> {
+    if let Some(i) = codes.iter().position(|&c| c > MAX_CODE_BYTE) {
+        return invalid(format!("array `{name}` has invalid code byte {} at index {i}; expected <= 242", codes[i]));
+    }
+    for (i, &c) in codes.iter().enumerate() {
+        let col = i % width;
+        if col >= real_cols && c != ZERO_CODE_BYTE {
+            return invalid(format!("array `{name}` has a non-zero code in padding column {col} (index {i})"));
+        }
+        if pad_rows > 0 && last(i) {
+            let digits = &DIGITS[c as usize];
+            if digits[ROWS_PER_GROUP - pad_rows..].iter().any(|&dg| dg != 1) {
+                return invalid(format!("array `{name}` has a non-zero code in a padding row (index {i})"));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> PackedMatrix {
+        // 2 x 40 with B = 32: one group (3 padding rows), 2 blocks, Kp = 64.
+        let d = Dims::new(2, 40, 32).unwrap();
+        let mut codes = vec![ZERO_CODE_BYTE; d.n_groups * d.padded_cols];
+        codes[0] = pack_digits([2, 0, 1, 1, 1]); // r0 k0 = +1, r1 k0 = -1
+        codes[33] = pack_digits([0, 2, 1, 1, 1]); // r0 k33 = -1, r1 k33 = +1
+        let mut p2 = vec![ZERO_CODE_BYTE; 32];
+        p2[1] = pack_digits([2, 2, 1, 1, 1]); // block 1, k = 33
+        PackedMatrix {
+            rows: 2,
+            cols: 40,
+            block_size: 32,
+            codes,
+            scales: [0.5, 2.0, 0.25, 4.0].map(f16::from_f32).to_vec(),
+            p2_ptr: vec![0, 1],
+            p2_block: vec![1],
+            p2_scales: [0.125, 1.0, 0.0, 0.0, 0.0].map(f16::from_f32).to_vec(),
+            p2_codes: p2,
+            out_ptr: vec![0, 1, 1],
+            out_cols: vec![39],
+            out_vals: vec![f16::from_f32(-3.0)],
+        }
+    }
+
+    #[test]
+    fn digits_roundtrip() {
+        for v in 0..243u16 {
+            let d = DIGITS[v as usize];
+            assert_eq!(pack_digits(d) as u16, v);
+        }
+        assert_eq!(DIGITS[ZERO_CODE_BYTE as usize], [1; 5]);
+    }
+
+    #[test]
+    fn decode_by_hand() {
+        let p = tiny();
+        p.validate().unwrap();
+        let w = p.decompress();
+        let mut want = vec![0f32; 80];
+        want[0] = 0.5;
+        want[33] = -2.0 + 0.125;
+        want[39] = -3.0;
+        want[40] = -0.25;
+        want[40 + 33] = 4.0 + 1.0;
+        assert_eq!(w, want);
+        // 64 code bytes + 4*2 scales + 2*4 p2_ptr + (32 + 10 + 2) entry + 3*4 out_ptr + 4 predator
+        assert_eq!(p.nbytes(), 64 + 8 + 8 + 44 + 12 + 4);
+    }
+
+    #[test]
+    fn file_roundtrip_and_rejections() {
+        let p = tiny();
+        let bytes = p.to_safetensors_bytes().unwrap();
+        assert_eq!(PackedMatrix::from_safetensors_bytes(&bytes).unwrap(), p);
+        // truncated
+        assert!(PackedMatrix::from_safetensors_bytes(&bytes[..bytes.len() - 3]).is_err());
+        // wrong version
+        let mut meta = p.metadata();
+        meta.insert("format_version".into(), "99".into());
+        let t = p.to_tensors();
+        let err = PackedMatrix::from_tensors(&meta, |n| t.iter().find(|(m, _)| *m == n).map(|(_, t)| t.clone())).unwrap_err();
+        assert!(matches!(err, FormatError::Version(_)), "{err}");
+    }
+
+    #[test]
+    fn validation_catches_breakage() {
+        let mut p = tiny();
+        p.codes[5] = 250;
+        assert!(p.validate().unwrap_err().to_string().contains("invalid code byte"));
+        let mut p = tiny();
+        p.codes[50] = pack_digits([2, 1, 1, 1, 1]); // padding column 50 >= K = 40
+        assert!(p.validate().unwrap_err().to_string().contains("padding column"));
+        let mut p = tiny();
+        p.codes[3] = pack_digits([1, 1, 2, 1, 1]); // padding row 2
+        assert!(p.validate().unwrap_err().to_string().contains("padding row"));
+        let mut p = tiny();
+        p.out_cols[0] = 0; // predator on a non-zero code
+        assert!(p.validate().unwrap_err().to_string().contains("non-zero ternary code"));
+        let mut p = tiny();
+        p.scales[1] = f16::NAN;
+        assert!(p.validate().unwrap_err().to_string().contains("non-finite"));
+        let mut p = tiny();
+        p.p2_ptr[1] = 2;
+        assert!(p.validate().is_err());
+    }
+}

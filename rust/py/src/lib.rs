@@ -1,0 +1,297 @@
+//! `predprey_rs._core`: glue only. numpy in and out, input checks, error mapping (in one place,
+//! `errors`), and the GIL released around every heavy call. All logic lives in predprey-core.
+
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use predprey_core::cpu::{self, Activations};
+use predprey_core::format::{self, Dtype, PackedMatrix, Tensor};
+use predprey_core::quant::{self, QuantConfig};
+use pyo3::exceptions::{PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+mod errors {
+    use super::*;
+    pyo3::create_exception!(predprey_rs, FormatError, PyValueError, "A packed matrix or file breaks the format (FORMAT.md), or has an unknown version.");
+    pyo3::create_exception!(predprey_rs, ShapeError, PyValueError, "An array has the wrong number of dimensions or the wrong length.");
+    pyo3::create_exception!(predprey_rs, WeightError, PyValueError, "Weights or parameters that cannot be compressed (NaN/Inf, bad budget, bad importance).");
+    pyo3::create_exception!(predprey_rs, DtypeError, pyo3::exceptions::PyTypeError, "An array has a dtype the call cannot take.");
+
+    pub fn format(e: format::FormatError) -> PyErr {
+        match e {
+            format::FormatError::Io { path, source } => {
+                pyo3::exceptions::PyOSError::new_err(format!("{path}: {source}"))
+            }
+            other => FormatError::new_err(other.to_string()),
+        }
+    }
+    pub fn quant(e: quant::QuantError) -> PyErr {
+        match e {
+            quant::QuantError::Shape(m) => ShapeError::new_err(m),
+            quant::QuantError::Value(m) => WeightError::new_err(m),
+            quant::QuantError::Format(f) => format(f),
+        }
+    }
+    pub fn kernel(e: cpu::KernelError) -> PyErr {
+        match e {
+            cpu::KernelError::Shape(m) => ShapeError::new_err(m),
+        }
+    }
+    pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        let py = m.py();
+        m.add("FormatError", py.get_type::<FormatError>())?;
+        m.add("ShapeError", py.get_type::<ShapeError>())?;
+        m.add("WeightError", py.get_type::<WeightError>())?;
+        m.add("DtypeError", py.get_type::<DtypeError>())?;
+        Ok(())
+    }
+}
+
+/// A compressed matrix (FORMAT.md). Immutable; cheap to share between threads.
+#[pyclass(name = "PackedMatrix", module = "predprey_rs._core", frozen)]
+pub struct PyPackedMatrix {
+    pub inner: Arc<PackedMatrix>,
+}
+
+#[pymethods]
+impl PyPackedMatrix {
+    /// (N, K): rows (outputs) by columns (inputs).
+    #[getter]
+    fn shape(&self) -> (usize, usize) {
+        (self.inner.rows, self.inner.cols)
+    }
+    /// Weights per block along K.
+    #[getter]
+    fn block_size(&self) -> usize {
+        self.inner.block_size
+    }
+    /// 8 * nbytes / (N * K): every stored byte counted.
+    #[getter]
+    fn bits_per_weight(&self) -> f64 {
+        self.inner.bits_per_weight()
+    }
+    /// Bytes of all stored arrays (the file body without its header).
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.inner.nbytes()
+    }
+    /// Number of predators (weights kept exactly in FP16).
+    #[getter]
+    fn n_outliers(&self) -> usize {
+        self.inner.n_outliers()
+    }
+    /// 2 if any block has a second ternary plane, else 1.
+    #[getter]
+    fn planes(&self) -> usize {
+        self.inner.planes()
+    }
+    /// Fraction of (group, block) cells that carry a second plane, 0..1.
+    #[getter]
+    fn plane2_fraction(&self) -> f64 {
+        let d = self.inner.dims();
+        self.inner.n_p2_entries() as f64 / (d.n_groups * d.n_blocks) as f64
+    }
+    /// Layout version of this matrix.
+    #[getter]
+    fn format_version(&self) -> u32 {
+        format::FORMAT_VERSION
+    }
+    fn __repr__(&self) -> String {
+        let p = &self.inner;
+        format!(
+            "PackedMatrix(shape=({}, {}), block_size={}, bits_per_weight={:.3}, planes={}, n_outliers={})",
+            p.rows, p.cols, p.block_size, p.bits_per_weight(), p.planes(), p.n_outliers()
+        )
+    }
+    /// Writes one matrix to a safetensors file (atomically: temp file + rename).
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let inner = self.inner.clone();
+        py.detach(move || inner.save(&path)).map_err(errors::format)
+    }
+    /// The file bytes `save` would write (safetensors).
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let b = self.inner.to_safetensors_bytes().map_err(errors::format)?;
+        Ok(PyBytes::new(py, &b))
+    }
+    /// The metadata strings stored with the arrays.
+    fn metadata(&self) -> HashMap<String, String> {
+        self.inner.metadata()
+    }
+    /// The nine stored arrays by name as numpy arrays (copies), dtypes as in FORMAT.md.
+    fn arrays<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (name, t) in self.inner.to_tensors() {
+            d.set_item(name, tensor_to_numpy(py, &t)?)?;
+        }
+        Ok(d)
+    }
+}
+
+fn tensor_to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyAny>> {
+    let shape = t.shape.clone();
+    let arr: Bound<'py, PyAny> = match t.dtype {
+        Dtype::U8 => t.data.to_vec().into_pyarray(py).into_any(),
+        Dtype::U16 => t.data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect::<Vec<_>>().into_pyarray(py).into_any(),
+        Dtype::U32 => t.data.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<_>>().into_pyarray(py).into_any(),
+        Dtype::F16 => t.data.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect::<Vec<_>>().into_pyarray(py).into_any(),
+    };
+    arr.call_method1("reshape", (shape,))
+}
+
+fn numpy_to_tensor(name: &str, a: &Bound<'_, PyAny>) -> PyResult<Tensor<'static>> {
+    let np = a.py().import("numpy")?;
+    let a = np.call_method1("ascontiguousarray", (a,))?;
+    let dtype: String = a.getattr("dtype")?.getattr("name")?.extract()?;
+    let dt = match dtype.as_str() {
+        "uint8" => Dtype::U8,
+        "uint16" => Dtype::U16,
+        "uint32" => Dtype::U32,
+        "float16" => Dtype::F16,
+        other => return Err(errors::DtypeError::new_err(format!("array `{name}` has dtype {other}; expected uint8, uint16, uint32 or float16"))),
+    };
+    let shape: Vec<usize> = a.getattr("shape")?.extract()?;
+    let raw: Vec<u8> = a.call_method0("tobytes")?.extract()?;
+    let little: bool = np.getattr("little_endian")?.extract()?;
+    if !little {
+        return Err(PyValueError::new_err("big-endian hosts are not supported"));
+    }
+    Ok(Tensor { dtype: dt, shape, data: Cow::Owned(raw) })
+}
+
+/// Builds a PackedMatrix from its metadata and arrays (as returned by `metadata()` and
+/// `arrays()`), validating every rule of FORMAT.md.
+#[pyfunction]
+fn from_arrays(meta: HashMap<String, String>, arrays: &Bound<'_, PyDict>) -> PyResult<PyPackedMatrix> {
+    let mut map = HashMap::new();
+    for (k, v) in arrays.iter() {
+        let k: String = k.extract()?;
+        let t = numpy_to_tensor(&k, &v)?;
+        map.insert(k, t);
+    }
+    let p = PackedMatrix::from_tensors(&meta, |n| map.get(n).cloned()).map_err(errors::format)?;
+    Ok(PyPackedMatrix { inner: Arc::new(p) })
+}
+
+/// Parses bytes written by `PackedMatrix.to_bytes` / `save`.
+#[pyfunction]
+fn from_bytes(py: Python<'_>, data: &[u8]) -> PyResult<PyPackedMatrix> {
+    let data = data.to_vec();
+    let p = py.detach(move || PackedMatrix::from_safetensors_bytes(&data)).map_err(errors::format)?;
+    Ok(PyPackedMatrix { inner: Arc::new(p) })
+}
+
+/// Reads and validates one matrix from a safetensors file.
+#[pyfunction]
+fn load(py: Python<'_>, path: PathBuf) -> PyResult<PyPackedMatrix> {
+    let p = py.detach(move || PackedMatrix::load(&path)).map_err(errors::format)?;
+    Ok(PyPackedMatrix { inner: Arc::new(p) })
+}
+
+fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(what: &str, a: &'a numpy::PyReadonlyArray<'_, T, D>) -> PyResult<&'a [T]> {
+    a.as_slice().map_err(|_| errors::ShapeError::new_err(format!("{what} must be C-contiguous")))
+}
+
+/// Compresses float32 weights [N, K] (C-contiguous) into a PackedMatrix within `bits` bits per
+/// weight. `importance` is an optional [K] vector of non-negative per-input-channel weights.
+#[pyfunction]
+#[pyo3(signature = (weight, bits, block_size, importance=None))]
+fn compress(py: Python<'_>, weight: PyReadonlyArray2<'_, f32>, bits: f64, block_size: usize, importance: Option<PyReadonlyArray1<'_, f32>>) -> PyResult<PyPackedMatrix> {
+    let (n, k) = (weight.shape()[0], weight.shape()[1]);
+    let w = contiguous("weight", &weight)?;
+    let h = match &importance {
+        Some(h) => Some(contiguous("importance", h)?),
+        None => None,
+    };
+    let cfg = QuantConfig::new(bits, block_size);
+    let p = py.detach(|| quant::compress(w, n, k, h, &cfg)).map_err(errors::quant)?;
+    Ok(PyPackedMatrix { inner: Arc::new(p) })
+}
+
+/// The dense matrix W as float32 [N, K].
+#[pyfunction]
+fn decompress<'py>(py: Python<'py>, p: &PyPackedMatrix) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let inner = p.inner.clone();
+    let w = py.detach(move || inner.decompress());
+    w.into_pyarray(py).reshape([p.inner.rows, p.inner.cols])
+}
+
+fn activations(int8: bool) -> Activations {
+    if int8 {
+        Activations::Int8
+    } else {
+        Activations::F32
+    }
+}
+
+/// y[N] = W x for float32 x[K]; `int8` quantizes x per 32 columns first.
+#[pyfunction]
+#[pyo3(signature = (p, x, int8=false))]
+fn matvec<'py>(py: Python<'py>, p: &PyPackedMatrix, x: PyReadonlyArray1<'py, f32>, int8: bool) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let xs = contiguous("x", &x)?;
+    if xs.len() != p.inner.cols {
+        return Err(errors::ShapeError::new_err(format!("x has length {}; expected K = {} (the matrix is {}x{})", xs.len(), p.inner.cols, p.inner.rows, p.inner.cols)));
+    }
+    let inner = p.inner.clone();
+    let mut y = vec![0f32; inner.rows];
+    py.detach(|| cpu::matvec(&inner, xs, activations(int8), &mut y)).map_err(errors::kernel)?;
+    Ok(y.into_pyarray(py))
+}
+
+/// Y[B, N] = X[B, K] W^T for float32 X (the nn.Linear convention).
+#[pyfunction]
+#[pyo3(signature = (p, x, int8=false))]
+fn matmul<'py>(py: Python<'py>, p: &PyPackedMatrix, x: PyReadonlyArray2<'py, f32>, int8: bool) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let (b, k) = (x.shape()[0], x.shape()[1]);
+    if k != p.inner.cols {
+        return Err(errors::ShapeError::new_err(format!("X has shape ({b}, {k}); expected (B, K = {})", p.inner.cols)));
+    }
+    let xs = contiguous("X", &x)?;
+    let inner = p.inner.clone();
+    let mut y = vec![0f32; b * inner.rows];
+    py.detach(|| cpu::matmul(&inner, xs, b, activations(int8), &mut y)).map_err(errors::kernel)?;
+    y.into_pyarray(py).reshape([b, p.inner.rows])
+}
+
+/// Sets the number of CPU threads the kernels and the quantizer use (0 = all cores).
+#[pyfunction]
+fn set_num_threads(n: usize) -> PyResult<()> {
+    cpu::set_num_threads(n).map_err(errors::kernel)
+}
+
+/// The number of CPU threads the kernels use now.
+#[pyfunction]
+fn get_num_threads() -> usize {
+    cpu::num_threads()
+}
+
+/// Which CPU kernel `matvec` uses on this machine ("avx512", "avx2", "scalar", ...).
+#[pyfunction]
+fn cpu_kernel() -> &'static str {
+    cpu::kernel_name()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
+    m.add_class::<PyPackedMatrix>()?;
+    m.add_function(wrap_pyfunction!(compress, m)?)?;
+    m.add_function(wrap_pyfunction!(decompress, m)?)?;
+    m.add_function(wrap_pyfunction!(matvec, m)?)?;
+    m.add_function(wrap_pyfunction!(matmul, m)?)?;
+    m.add_function(wrap_pyfunction!(load, m)?)?;
+    m.add_function(wrap_pyfunction!(from_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(from_arrays, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_kernel, m)?)?;
+    m.add("FORMAT_VERSION", format::FORMAT_VERSION)?;
+    m.add("ROWS_PER_GROUP", format::ROWS_PER_GROUP)?;
+    m.add("BLOCK_SIZES", format::BLOCK_SIZES.to_vec())?;
+    m.add("TENSOR_NAMES", format::TENSOR_NAMES.to_vec())?;
+    m.add("MAX_K_U16_COLS", format::MAX_K_U16_COLS)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
