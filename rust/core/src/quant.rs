@@ -1,35 +1,698 @@
-//! Quantizer: dense float weights -> PackedMatrix (placeholder until the real one lands).
+//! Quantizer: dense float weights -> `PackedMatrix` within a bit budget.
+//!
+//! Every choice minimises the (importance-)weighted squared error `sum_k h_k (w_k - q_k)^2`
+//! (h = 1 without importance):
+//!
+//! * **Plane 1, per block: the exact optimal ternary.** For a fixed support S the best scale is
+//!   `s = sum_S h|w| / sum_S h` and the error is `sum h w^2 - (sum_S h|w|)^2 / sum_S h`; for a
+//!   fixed s an element belongs to S iff `|w| > s/2`, so the optimum is a top-k set by `|w|`.
+//!   Sorting `|w|` once and scanning k finds it exactly (tested against brute force).
+//! * **Predators, by the error they remove.** Greedily, the weight with the largest weighted
+//!   error under the current fit becomes a predator (kept in FP16, code 0), and the block is
+//!   refitted without it. This gives nested predator sets per block and their exact errors.
+//! * **Plane 2, fitted jointly.** Start from the residual fit (optimal ternary of `w - s1 t1`),
+//!   then alternate: assign each weight the nearest of the 9 levels `a t1 + b t2`, and solve the
+//!   2x2 weighted least squares for (a, b). Each step cannot increase the error.
+//! * **One budget per matrix.** Every (group, block) cell may take a second plane
+//!   (`B + 12` bytes) and every row-block some predators (4 or 6 bytes each). A Lagrange
+//!   multiplier (error removed per bit) is searched so the whole matrix lands at or under the
+//!   budget; each cell then takes the choice that is best at that price.
 
-use crate::format::{FormatError, PackedMatrix};
+use crate::format::{pack_digits, Dims, FormatError, PackedMatrix, ROWS_PER_GROUP, ZERO_CODE_BYTE};
+use half::f16;
+use rayon::prelude::*;
+
+/// Predator counts a row-block may take (nested sets, chosen greedily).
+pub const PREDATOR_COUNTS: [usize; 7] = [0, 1, 2, 3, 4, 6, 8];
+const NM: usize = PREDATOR_COUNTS.len();
+/// Largest magnitude an FP16 scale or predator can hold.
+pub const F16_MAX: f32 = 65504.0;
 
 /// Settings of one compression.
 #[derive(Clone, Debug)]
 pub struct QuantConfig {
-    /// Budget: bits per weight, every stored byte counted.
+    /// Budget: bits per weight, every stored byte counted (FORMAT.md).
     pub bits: f64,
     /// Block size B (32, 64, 128, 256).
     pub block_size: usize,
-}
-
-/// Errors of the quantizer.
-#[derive(Debug, thiserror::Error)]
-pub enum QuantError {
-    #[error("{0}")]
-    Value(String),
-    #[error("{0}")]
-    Shape(String),
-    #[error(transparent)]
-    Format(#[from] FormatError),
+    /// Alternating refinements of the joint two-plane fit (0 = plane 2 fits the residual only).
+    pub joint_iters: usize,
+    /// Allow plane-2 entries.
+    pub allow_plane2: bool,
+    /// Allow predators.
+    pub allow_predators: bool,
 }
 
 impl QuantConfig {
     /// Defaults for everything but the budget and block size.
     pub fn new(bits: f64, block_size: usize) -> Self {
-        QuantConfig { bits, block_size }
+        QuantConfig { bits, block_size, joint_iters: 4, allow_plane2: true, allow_predators: true }
     }
 }
 
-/// Compresses `w` (float32 [rows, cols], row-major).
-pub fn compress(_w: &[f32], _rows: usize, _cols: usize, _importance: Option<&[f32]>, _cfg: &QuantConfig) -> Result<PackedMatrix, QuantError> {
-    Err(QuantError::Value("not implemented yet".into()))
+/// Errors of the quantizer: unusable weights, importance or budget.
+#[derive(Debug, thiserror::Error)]
+pub enum QuantError {
+    /// Bad values (NaN/Inf, out of FP16 range, negative importance, budget too small).
+    #[error("{0}")]
+    Value(String),
+    /// Lengths that do not match the stated shape.
+    #[error("{0}")]
+    Shape(String),
+    /// Shape parameters the format cannot hold.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+}
+
+/// The weighted fit of one block: one or two ternary planes and predators.
+#[derive(Clone, Debug, Default)]
+pub struct BlockFit {
+    /// Plane-1 scale (FP16-rounded).
+    pub s1: f32,
+    /// Plane-2 scale (FP16-rounded; 0 when one plane).
+    pub s2: f32,
+    /// Plane-1 codes, -1/0/+1, one per block column.
+    pub t1: Vec<i8>,
+    /// Plane-2 codes.
+    pub t2: Vec<i8>,
+    /// Predator positions (in-block column) with FP16 values, ascending by column.
+    pub preds: Vec<(usize, f16)>,
+    /// Weighted squared error of the whole block, predators included.
+    pub err: f64,
+}
+
+/// Reusable scratch for fitting blocks of up to 256 weights.
+pub struct Fitter {
+    order: Vec<usize>,
+    excluded: Vec<bool>,
+    resid: Vec<f32>,
+    t1: Vec<i8>,
+    t2: Vec<i8>,
+    bt1: Vec<i8>,
+    bt2: Vec<i8>,
+}
+
+impl Default for Fitter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn round_f16(v: f64) -> f32 {
+    f16::from_f64(v).to_f32()
+}
+
+impl Fitter {
+    /// New scratch space.
+    pub fn new() -> Fitter {
+        Fitter { order: vec![], excluded: vec![], resid: vec![], t1: vec![], t2: vec![], bt1: vec![], bt2: vec![] }
+    }
+
+    /// Exact optimal ternary fit of `x` (weights `h`) over the non-excluded entries, with
+    /// `order` = indices sorted by |x| descending. Writes codes to `t` (0 for excluded) and
+    /// returns (scale rounded to FP16, weighted error over the non-excluded entries).
+    fn ternary(x: &[f32], h: &[f32], excluded: &[bool], order: &[usize], t: &mut [i8]) -> (f32, f64) {
+        let mut total = 0f64;
+        for k in 0..x.len() {
+            if !excluded[k] {
+                total += h[k] as f64 * (x[k] as f64) * (x[k] as f64);
+            }
+        }
+        let (mut a, mut hs) = (0f64, 0f64);
+        let (mut best_gain, mut best_k, mut best_a, mut best_h) = (0f64, 0usize, 0f64, 0f64);
+        let mut n = 0;
+        for &k in order {
+            if excluded[k] {
+                continue;
+            }
+            n += 1;
+            a += h[k] as f64 * (x[k] as f64).abs();
+            hs += h[k] as f64;
+            if hs > 0.0 {
+                let gain = a * a / hs;
+                if gain > best_gain {
+                    best_gain = gain;
+                    best_k = n;
+                    best_a = a;
+                    best_h = hs;
+                }
+            }
+        }
+        t.iter_mut().for_each(|c| *c = 0);
+        if best_k == 0 {
+            return (0.0, total);
+        }
+        let s = round_f16(best_a / best_h);
+        let mut n = 0;
+        for &k in order {
+            if excluded[k] {
+                continue;
+            }
+            if n == best_k {
+                break;
+            }
+            t[k] = if x[k] > 0.0 { 1 } else if x[k] < 0.0 { -1 } else { 0 };
+            n += 1;
+        }
+        // Error with the FP16-rounded scale, computed directly.
+        let mut err = 0f64;
+        for k in 0..x.len() {
+            if !excluded[k] {
+                let d = x[k] as f64 - s as f64 * t[k] as f64;
+                err += h[k] as f64 * d * d;
+            }
+        }
+        (s, err)
+    }
+
+    fn sort_order(order: &mut Vec<usize>, v: &[f32]) {
+        order.clear();
+        order.extend(0..v.len());
+        order.sort_unstable_by(|&i, &j| v[j].abs().total_cmp(&v[i].abs()).then(i.cmp(&j)));
+    }
+
+    /// Two planes over the non-excluded entries; returns (a, b, err) with codes in t1/t2.
+    fn two_planes(&mut self, x: &[f32], h: &[f32], iters: usize) -> (f32, f32, f64) {
+        let n = x.len();
+        let (s1, _) = Self::ternary(x, h, &self.excluded, &self.order, &mut self.t1);
+        self.resid.clear();
+        self.resid.extend((0..n).map(|k| if self.excluded[k] { 0.0 } else { x[k] - s1 * self.t1[k] as f32 }));
+        let mut order2 = std::mem::take(&mut self.order);
+        let saved = order2.clone();
+        Self::sort_order(&mut order2, &self.resid);
+        let (s2, _) = Self::ternary(&self.resid, h, &self.excluded, &order2, &mut self.t2);
+        self.order = saved;
+        let err_of = |a: f32, b: f32, t1: &[i8], t2: &[i8], ex: &[bool]| {
+            let mut e = 0f64;
+            for k in 0..n {
+                if !ex[k] {
+                    let d = x[k] as f64 - a as f64 * t1[k] as f64 - b as f64 * t2[k] as f64;
+                    e += h[k] as f64 * d * d;
+                }
+            }
+            e
+        };
+        let (mut a, mut b) = (s1, s2);
+        let mut best = err_of(a, b, &self.t1, &self.t2, &self.excluded);
+        self.bt1.clone_from(&self.t1);
+        self.bt2.clone_from(&self.t2);
+        let (mut ba, mut bb) = (a, b);
+        for _ in 0..iters {
+            // Assignment: nearest of the 9 levels a*t1 + b*t2.
+            for k in 0..n {
+                if self.excluded[k] {
+                    continue;
+                }
+                let mut bd = f32::INFINITY;
+                for u in -1i8..=1 {
+                    for v in -1i8..=1 {
+                        let d = (x[k] - a * u as f32 - b * v as f32).abs();
+                        if d < bd {
+                            bd = d;
+                            self.t1[k] = u;
+                            self.t2[k] = v;
+                        }
+                    }
+                }
+            }
+            // Weighted least squares for (a, b).
+            let (mut s11, mut s12, mut s22, mut r1, mut r2) = (0f64, 0f64, 0f64, 0f64, 0f64);
+            for k in 0..n {
+                if self.excluded[k] {
+                    continue;
+                }
+                let (u, v, w) = (self.t1[k] as f64, self.t2[k] as f64, h[k] as f64);
+                s11 += w * u * u;
+                s12 += w * u * v;
+                s22 += w * v * v;
+                r1 += w * u * x[k] as f64;
+                r2 += w * v * x[k] as f64;
+            }
+            let det = s11 * s22 - s12 * s12;
+            if det.abs() > 1e-12 * (s11 * s22).max(1e-300) {
+                a = round_f16((r1 * s22 - r2 * s12) / det);
+                b = round_f16((r2 * s11 - r1 * s12) / det);
+            }
+            let e = err_of(a, b, &self.t1, &self.t2, &self.excluded);
+            if e < best {
+                best = e;
+                ba = a;
+                bb = b;
+                self.bt1.clone_from(&self.t1);
+                self.bt2.clone_from(&self.t2);
+            } else {
+                break;
+            }
+        }
+        self.t1.clone_from(&self.bt1);
+        self.t2.clone_from(&self.bt2);
+        (ba, bb, best)
+    }
+
+    /// Predator error contribution: FP16 rounding of the kept values.
+    fn pred_err(x: &[f32], h: &[f32], preds: &[usize]) -> f64 {
+        preds.iter().map(|&k| {
+            let d = x[k] as f64 - f16::from_f32(x[k]).to_f64();
+            h[k] as f64 * d * d
+        }).sum()
+    }
+
+    /// Greedy predator sequence: up to `max_m` positions, each the largest weighted error
+    /// under the one-plane fit without the ones before it. Also returns the one-plane error
+    /// after each count in `PREDATOR_COUNTS` (INFINITY where not reachable).
+    fn predator_sequence(&mut self, x: &[f32], h: &[f32], max_m: usize) -> (Vec<usize>, [f64; NM]) {
+        let n = x.len();
+        self.excluded.clear();
+        self.excluded.resize(n, false);
+        self.t1.resize(n, 0);
+        self.t2.resize(n, 0);
+        let mut order = std::mem::take(&mut self.order);
+        Self::sort_order(&mut order, x);
+        self.order = order;
+        let mut seq = Vec::with_capacity(max_m);
+        let mut e1 = [f64::INFINITY; NM];
+        for m in 0..=max_m {
+            let (s, err) = Self::ternary(x, h, &self.excluded, &self.order, &mut self.t1);
+            if let Some(ci) = PREDATOR_COUNTS.iter().position(|&c| c == m) {
+                e1[ci] = err + Self::pred_err(x, h, &seq);
+            }
+            if m == max_m {
+                break;
+            }
+            let mut best = (-1f64, usize::MAX);
+            for k in 0..n {
+                if !self.excluded[k] {
+                    let d = x[k] as f64 - s as f64 * self.t1[k] as f64;
+                    let e = h[k] as f64 * d * d;
+                    if e > best.0 {
+                        best = (e, k);
+                    }
+                }
+            }
+            if best.1 == usize::MAX || best.0 <= 0.0 {
+                break;
+            }
+            self.excluded[best.1] = true;
+            seq.push(best.1);
+        }
+        (seq, e1)
+    }
+
+    fn set_excluded(&mut self, n: usize, preds: &[usize]) {
+        self.excluded.clear();
+        self.excluded.resize(n, false);
+        for &k in preds {
+            self.excluded[k] = true;
+        }
+    }
+
+    /// Errors of every (predator count, planes) option of one block: `[planes-1][count idx]`.
+    pub fn block_stats(&mut self, x: &[f32], h: &[f32], cfg: &QuantConfig) -> [[f32; NM]; 2] {
+        let max_m = if cfg.allow_predators { PREDATOR_COUNTS[NM - 1].min(x.len()) } else { 0 };
+        let (seq, e1) = self.predator_sequence(x, h, max_m);
+        let mut out = [[f32::INFINITY; NM]; 2];
+        for ci in 0..NM {
+            out[0][ci] = e1[ci] as f32;
+        }
+        if cfg.allow_plane2 {
+            for (ci, &m) in PREDATOR_COUNTS.iter().enumerate() {
+                if e1[ci].is_finite() && m <= seq.len() {
+                    self.set_excluded(x.len(), &seq[..m]);
+                    let (_, _, e) = self.two_planes(x, h, cfg.joint_iters);
+                    out[1][ci] = (e + Self::pred_err(x, h, &seq[..m])) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    /// The fit of one block with `m` predators (a count from `PREDATOR_COUNTS`) and 1 or 2 planes.
+    pub fn fit(&mut self, x: &[f32], h: &[f32], m: usize, planes: usize, cfg: &QuantConfig) -> BlockFit {
+        let (seq, _) = self.predator_sequence(x, h, m.min(x.len()));
+        let n = x.len();
+        self.set_excluded(n, &seq);
+        let (s1, s2, err) = if planes == 2 {
+            self.two_planes(x, h, cfg.joint_iters)
+        } else {
+            let (s, e) = Self::ternary(x, h, &self.excluded, &self.order, &mut self.t1);
+            self.t2.iter_mut().for_each(|c| *c = 0);
+            (s, 0.0, e)
+        };
+        let mut preds: Vec<(usize, f16)> = seq.iter().map(|&k| (k, f16::from_f32(x[k]))).collect();
+        preds.sort_by_key(|p| p.0);
+        BlockFit { s1, s2, t1: self.t1.clone(), t2: self.t2.clone(), err: err + Self::pred_err(x, h, &seq), preds }
+    }
+}
+
+/// Checks the inputs; returns the effective importance (None = all ones).
+fn check_inputs(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>, cfg: &QuantConfig) -> Result<Dims, QuantError> {
+    if rows == 0 || cols == 0 {
+        return Err(QuantError::Shape(format!("weight is {rows}x{cols}; compress needs at least 1 row and 1 column")));
+    }
+    if w.len() != rows * cols {
+        return Err(QuantError::Shape(format!("weight has {} values; expected {rows}x{cols}", w.len())));
+    }
+    let bad = w.par_iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        let first = w.iter().position(|v| !v.is_finite()).unwrap_or(0);
+        let nan = w.par_iter().filter(|v| v.is_nan()).count();
+        return Err(QuantError::Value(format!(
+            "weight has {bad} non-finite values ({nan} NaN, {} Inf; first at row {}, col {}); compress needs finite values",
+            bad - nan, first / cols, first % cols)));
+    }
+    let big = w.par_iter().map(|v| v.abs()).reduce(|| 0.0, f32::max);
+    if big > F16_MAX {
+        let first = w.iter().position(|v| v.abs() > F16_MAX).unwrap_or(0);
+        return Err(QuantError::Value(format!(
+            "weight has |w| up to {big:e} (first at row {}, col {}); the format keeps scales and predators in FP16, so |w| must be <= 65504: rescale the matrix first",
+            first / cols, first % cols)));
+    }
+    if let Some(h) = importance {
+        if h.len() != cols {
+            return Err(QuantError::Shape(format!("importance has length {}; expected K = {cols}", h.len())));
+        }
+        if let Some(i) = h.iter().position(|v| !v.is_finite() || *v < 0.0) {
+            return Err(QuantError::Value(format!("importance[{i}] = {}; expected finite values >= 0", h[i])));
+        }
+        if h.iter().all(|v| *v == 0.0) {
+            return Err(QuantError::Value("importance is all zero; expected at least one positive value".into()));
+        }
+    }
+    if !cfg.bits.is_finite() || cfg.bits <= 0.0 {
+        return Err(QuantError::Value(format!("bits = {}; expected a positive number of bits per weight", cfg.bits)));
+    }
+    let d = Dims::new(rows, cols, cfg.block_size)?;
+    let min_bits = 8.0 * d.fixed_bytes() as f64 / (rows as f64 * cols as f64);
+    if cfg.bits < min_bits {
+        return Err(QuantError::Value(format!(
+            "bits = {} is below the minimum {min_bits:.4} for a {rows}x{cols} matrix with block_size {} (plane-1 codes at 1.6 bits + FP16 block scales + pointers); raise bits or the block size",
+            cfg.bits, cfg.block_size)));
+    }
+    Ok(d)
+}
+
+/// Block `b` of row `r`: weights and importance, `len <= B` (the last block may be short).
+fn block_slices<'a>(w: &'a [f32], h: &'a [f32], d: &Dims, r: usize, b: usize) -> (&'a [f32], &'a [f32]) {
+    let k0 = b * d.block_size;
+    let k1 = (k0 + d.block_size).min(d.cols);
+    (&w[r * d.cols + k0..r * d.cols + k1], &h[k0..k1])
+}
+
+/// Per (group, block) decision at price `lambda` (error per bit): (plane2, counts per row),
+/// with its bit cost.
+fn decide(stats: &[[[f32; NM]; 2]], rows_in_group: usize, lambda: f64, pred_bits: f64, entry_bits: f64, allow_p2: bool) -> (bool, [u8; ROWS_PER_GROUP], f64) {
+    let mut best = (false, [0u8; ROWS_PER_GROUP], f64::INFINITY, 0f64);
+    for planes in 0..(if allow_p2 { 2 } else { 1 }) {
+        let mut cost = if planes == 1 { lambda * entry_bits } else { 0.0 };
+        let mut bits = if planes == 1 { entry_bits } else { 0.0 };
+        let mut counts = [0u8; ROWS_PER_GROUP];
+        for (i, st) in stats.iter().enumerate().take(rows_in_group) {
+            let mut bc = (f64::INFINITY, 0usize);
+            for (ci, &m) in PREDATOR_COUNTS.iter().enumerate() {
+                let c = st[planes][ci] as f64 + lambda * pred_bits * m as f64;
+                if c < bc.0 {
+                    bc = (c, ci);
+                }
+            }
+            cost += bc.0;
+            bits += pred_bits * PREDATOR_COUNTS[bc.1] as f64;
+            counts[i] = bc.1 as u8;
+        }
+        if cost < best.2 {
+            best = (planes == 1, counts, cost, bits);
+        }
+    }
+    (best.0, best.1, best.3)
+}
+
+/// Compresses `w` (float32 [rows, cols], row-major) to at most `cfg.bits` bits per weight.
+/// `importance` ([cols], >= 0) weights the squared error per input column.
+pub fn compress(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>, cfg: &QuantConfig) -> Result<PackedMatrix, QuantError> {
+    let d = check_inputs(w, rows, cols, importance, cfg)?;
+    let ones;
+    let h: &[f32] = match importance {
+        Some(h) => h,
+        None => {
+            ones = vec![1f32; cols];
+            &ones
+        }
+    };
+    let (g, nb, b) = (d.n_groups, d.n_blocks, d.block_size);
+    // 1. Error of every option of every row-block.
+    let stats: Vec<[[f32; NM]; 2]> = (0..rows)
+        .into_par_iter()
+        .flat_map_iter(|r| {
+            let mut f = Fitter::new();
+            (0..nb).map(move |blk| {
+                let (x, hh) = block_slices(w, h, &d, r, blk);
+                f.block_stats(x, hh, cfg)
+            }).collect::<Vec<_>>()
+        })
+        .collect();
+    let cell_stats = |gi: usize, blk: usize| -> ([[[f32; NM]; 2]; ROWS_PER_GROUP], usize) {
+        let mut s = [[[f32::INFINITY; NM]; 2]; ROWS_PER_GROUP];
+        let n = (rows - gi * ROWS_PER_GROUP).min(ROWS_PER_GROUP);
+        for (i, si) in s.iter_mut().enumerate().take(n) {
+            *si = stats[(gi * ROWS_PER_GROUP + i) * nb + blk];
+        }
+        (s, n)
+    };
+    // 2. Price search: the cheapest lambda whose choices fit the budget.
+    let budget_bits = (cfg.bits * rows as f64 * cols as f64).floor() - 8.0 * d.fixed_bytes() as f64;
+    let pred_bits = 8.0 * d.predator_bytes() as f64;
+    let entry_bits = 8.0 * d.p2_entry_bytes() as f64;
+    let total_bits = |lambda: f64| -> f64 {
+        (0..g * nb).into_par_iter().map(|c| {
+            let (s, n) = cell_stats(c / nb, c % nb);
+            decide(&s, n, lambda, pred_bits, entry_bits, cfg.allow_plane2).2
+        }).sum()
+    };
+    let lambda = if total_bits(0.0) <= budget_bits {
+        0.0
+    } else {
+        let mut hi = stats.par_iter().map(|s| s[0][0] as f64).reduce(|| 0.0, f64::max).max(1e-30);
+        while total_bits(hi) > budget_bits {
+            hi *= 4.0;
+        }
+        let mut lo = hi * 1e-12;
+        if total_bits(lo) <= budget_bits {
+            lo = 0.0;
+        }
+        for _ in 0..60 {
+            let mid = if lo == 0.0 { hi * 1e-12 } else { (lo * hi).sqrt() };
+            if total_bits(mid) <= budget_bits {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+            if hi / lo.max(1e-300) < 1.0 + 1e-6 {
+                break;
+            }
+        }
+        hi
+    };
+    // 3. Encode each group with the chosen options.
+    struct GroupOut {
+        codes: Vec<u8>,
+        scales: Vec<(usize, f16)>,
+        p2: Vec<(u16, [f16; ROWS_PER_GROUP], Vec<u8>)>,
+        preds: Vec<Vec<(u32, f16)>>,
+    }
+    let kp = d.padded_cols;
+    let groups: Vec<GroupOut> = (0..g).into_par_iter().map(|gi| {
+        let mut f = Fitter::new();
+        let n = (rows - gi * ROWS_PER_GROUP).min(ROWS_PER_GROUP);
+        let mut out = GroupOut { codes: vec![ZERO_CODE_BYTE; kp], scales: vec![], p2: vec![], preds: vec![vec![]; n] };
+        let mut digits1 = vec![[1u8; ROWS_PER_GROUP]; kp];
+        for blk in 0..nb {
+            let (s, _) = cell_stats(gi, blk);
+            let (p2, counts, _) = decide(&s, n, lambda, pred_bits, entry_bits, cfg.allow_plane2);
+            let mut digits2 = vec![[1u8; ROWS_PER_GROUP]; b];
+            let mut s2 = [f16::ZERO; ROWS_PER_GROUP];
+            for i in 0..n {
+                let r = gi * ROWS_PER_GROUP + i;
+                let (x, hh) = block_slices(w, h, &d, r, blk);
+                let fit = f.fit(x, hh, PREDATOR_COUNTS[counts[i] as usize], if p2 { 2 } else { 1 }, cfg);
+                out.scales.push((r * nb + blk, f16::from_f32(fit.s1)));
+                for (kk, &t) in fit.t1.iter().enumerate() {
+                    digits1[blk * b + kk][i] = (t + 1) as u8;
+                }
+                if p2 {
+                    s2[i] = f16::from_f32(fit.s2);
+                    for (kk, &t) in fit.t2.iter().enumerate() {
+                        digits2[kk][i] = (t + 1) as u8;
+                    }
+                }
+                for (kk, v) in fit.preds {
+                    out.preds[i].push(((blk * b + kk) as u32, v));
+                }
+            }
+            if p2 {
+                out.p2.push((blk as u16, s2, digits2.iter().map(|dg| pack_digits(*dg)).collect()));
+            }
+        }
+        out.codes = digits1.iter().map(|dg| pack_digits(*dg)).collect();
+        out
+    }).collect();
+    // 4. Assemble the arrays.
+    let mut p = PackedMatrix {
+        rows,
+        cols,
+        block_size: b,
+        codes: Vec::with_capacity(g * kp),
+        scales: vec![f16::ZERO; rows * nb],
+        p2_ptr: vec![0],
+        p2_block: vec![],
+        p2_scales: vec![],
+        p2_codes: vec![],
+        out_ptr: vec![0],
+        out_cols: vec![],
+        out_vals: vec![],
+    };
+    for go in groups {
+        p.codes.extend_from_slice(&go.codes);
+        for (i, s) in go.scales {
+            p.scales[i] = s;
+        }
+        for (blk, s2, codes) in go.p2 {
+            p.p2_block.push(blk);
+            p.p2_scales.extend_from_slice(&s2);
+            p.p2_codes.extend_from_slice(&codes);
+        }
+        p.p2_ptr.push(p.p2_block.len() as u32);
+        for row in go.preds {
+            for (c, v) in row {
+                p.out_cols.push(c);
+                p.out_vals.push(v);
+            }
+            p.out_ptr.push(p.out_vals.len() as u32);
+        }
+    }
+    debug_assert!(p.validate().is_ok());
+    if p.bits_per_weight() > cfg.bits + 1e-12 {
+        return Err(QuantError::Value(format!(
+            "internal: result has {:.4} bits per weight over the budget {}", p.bits_per_weight(), cfg.bits)));
+    }
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> f64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 11) as f64 / (1u64 << 53) as f64
+        }
+        fn normal(&mut self) -> f32 {
+            let (u, v) = (self.next().max(1e-12), self.next());
+            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+        }
+    }
+
+    /// Brute force over all 3^n ternary codes (scale by weighted LS for each code).
+    fn brute_ternary(x: &[f32], h: &[f32]) -> f64 {
+        let n = x.len();
+        let mut best = f64::INFINITY;
+        for code in 0..3usize.pow(n as u32) {
+            let mut c = code;
+            let t: Vec<f64> = (0..n).map(|_| { let v = (c % 3) as f64 - 1.0; c /= 3; v }).collect();
+            let num: f64 = (0..n).map(|k| h[k] as f64 * t[k] * x[k] as f64).sum();
+            let den: f64 = (0..n).map(|k| h[k] as f64 * t[k] * t[k]).sum();
+            let s = if den > 0.0 { num / den } else { 0.0 };
+            let e: f64 = (0..n).map(|k| { let d = x[k] as f64 - s * t[k]; h[k] as f64 * d * d }).sum();
+            best = best.min(e);
+        }
+        best
+    }
+
+    #[test]
+    fn ternary_is_optimal_against_brute_force() {
+        let mut rng = Rng(0x9E3779B97F4A7C15);
+        for trial in 0..300 {
+            let n = 1 + trial % 8;
+            let x: Vec<f32> = (0..n).map(|_| rng.normal() * if trial % 5 == 0 { 100.0 } else { 1.0 }).collect();
+            let h: Vec<f32> = (0..n).map(|_| if trial % 2 == 0 { 1.0 } else { rng.next() as f32 * 3.0 }).collect();
+            let mut order = vec![];
+            Fitter::sort_order(&mut order, &x);
+            let mut t = vec![0i8; n];
+            let (s, e) = Fitter::ternary(&x, &h, &vec![false; n], &order, &mut t);
+            let bf = brute_ternary(&x, &h);
+            // Our scale is rounded to FP16 (rel. 2^-11), which can only add a tiny error.
+            let tol = 1e-9 + 1e-5 * x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>();
+            assert!(e <= bf + tol && e >= bf - 1e-9, "trial {trial}: ours {e} brute {bf} (s={s})");
+        }
+    }
+
+    #[test]
+    fn joint_two_planes_beat_residual_and_one_plane() {
+        let mut rng = Rng(42);
+        let mut f = Fitter::new();
+        let (mut e1s, mut eres, mut ejoint) = (0.0, 0.0, 0.0);
+        for _ in 0..200 {
+            let x: Vec<f32> = (0..64).map(|_| rng.normal()).collect();
+            let h = vec![1f32; 64];
+            let mut cfg = QuantConfig::new(4.0, 64);
+            e1s += f.fit(&x, &h, 0, 1, &cfg).err;
+            cfg.joint_iters = 0;
+            let r = f.fit(&x, &h, 0, 2, &cfg).err;
+            cfg.joint_iters = 4;
+            let j = f.fit(&x, &h, 0, 2, &cfg).err;
+            assert!(j <= r + 1e-9);
+            eres += r;
+            ejoint += j;
+        }
+        assert!(eres < 0.5 * e1s, "two planes should at least halve the error: {eres} vs {e1s}");
+        assert!(ejoint <= eres);
+    }
+
+    #[test]
+    fn budget_respected_and_monotone() {
+        let mut rng = Rng(7);
+        let (n, k) = (37, 200);
+        let w: Vec<f32> = (0..n * k).map(|_| rng.normal().powi(3)).collect();
+        let mut last = f64::INFINITY;
+        for bits in [2.75, 3.0, 3.4, 3.8, 4.5, 5.5] {
+            let p = compress(&w, n, k, None, &QuantConfig::new(bits, 32)).unwrap();
+            p.validate().unwrap();
+            assert!(p.bits_per_weight() <= bits, "{} > {bits}", p.bits_per_weight());
+            let wd = p.decompress();
+            let err: f64 = w.iter().zip(&wd).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+            assert!(err <= last * 1.0001, "error grew with more bits: {err} > {last} at {bits}");
+            last = err;
+        }
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let cfg = QuantConfig::new(3.0, 64);
+        let mut w = vec![0.5f32; 10 * 70];
+        w[7 * 70 + 12] = f32::NAN;
+        let e = compress(&w, 10, 70, None, &cfg).unwrap_err().to_string();
+        assert!(e.contains("row 7, col 12") && e.contains("1 NaN"), "{e}");
+        let w = vec![0.5f32; 10 * 70];
+        assert!(compress(&w, 10, 70, None, &QuantConfig::new(1.0, 64)).unwrap_err().to_string().contains("below the minimum"));
+        assert!(compress(&w, 10, 70, Some(&[1.0; 69]), &cfg).is_err());
+        assert!(compress(&w, 10, 70, None, &QuantConfig::new(3.0, 48)).is_err());
+        assert!(compress(&w, 0, 70, None, &cfg).is_err());
+    }
+
+    #[test]
+    fn importance_focuses_error() {
+        let mut rng = Rng(3);
+        let (n, k) = (20, 128);
+        let w: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
+        let mut h = vec![0.01f32; k];
+        for v in h.iter_mut().take(16) {
+            *v = 100.0;
+        }
+        let plain = compress(&w, n, k, None, &QuantConfig::new(2.5, 64)).unwrap().decompress();
+        let aware = compress(&w, n, k, Some(&h), &QuantConfig::new(2.5, 64)).unwrap().decompress();
+        let werr = |q: &[f32]| -> f64 { (0..n * k).map(|i| h[i % k] as f64 * ((w[i] - q[i]) as f64).powi(2)).sum() };
+        assert!(werr(&aware) < werr(&plain), "{} vs {}", werr(&aware), werr(&plain));
+    }
 }
