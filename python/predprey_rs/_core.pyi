@@ -1,0 +1,131 @@
+"""Type stubs for ``predprey_rs._core``, the Rust extension (rust/py/src/lib.rs).
+
+Glue only: numpy in and out, input checks, error mapping, and the GIL released around every
+heavy call. The packed layout is specified in FORMAT.md. The public wrappers in
+``predprey_rs`` convert inputs (float16/float64/bfloat16-bits, non-contiguous) to what these
+functions take: C-contiguous float32.
+"""
+
+import os
+from typing import Final, final
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: Final[str]
+"""Version of the Rust crate the extension was built from."""
+
+FORMAT_VERSION: Final[int]
+"""Packed layout version this build reads and writes (1)."""
+ROWS_PER_GROUP: Final[int]
+"""Rows whose codes share one byte (5: base-3 packing, 1.6 bits per code)."""
+BLOCK_SIZES: Final[list[int]]
+"""Allowed block sizes B along K, in weights: [32, 64, 128, 256]."""
+TENSOR_NAMES: Final[list[str]]
+"""The nine stored arrays, in file order: codes, scales, p2_ptr, p2_block, p2_scales,
+p2_codes, out_ptr, out_cols, out_vals."""
+MAX_K_U16_COLS: Final[int]
+"""Largest K whose predator columns are stored as u16 (65536); above it they are u32."""
+
+class FormatError(ValueError):
+    """A packed matrix or file breaks the format (FORMAT.md), or has an unknown version."""
+
+class ShapeError(ValueError):
+    """An array has the wrong number of dimensions or the wrong length."""
+
+class WeightError(ValueError):
+    """Weights or parameters that cannot be compressed (NaN/Inf, bad budget, bad importance)."""
+
+class DtypeError(TypeError):
+    """An array has a dtype the call cannot take."""
+
+@final
+class PackedMatrix:
+    """A compressed matrix (FORMAT.md). Immutable; cheap to share between threads.
+
+    Built only by ``compress``, ``load``, ``from_bytes`` and ``from_arrays``.
+    """
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, K): rows (outputs) by columns (inputs)."""
+    @property
+    def block_size(self) -> int:
+        """Weights per block along K (one of BLOCK_SIZES)."""
+    @property
+    def bits_per_weight(self) -> float:
+        """8 * nbytes / (N * K): every stored byte counted."""
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all nine stored arrays (the file body without its header)."""
+    @property
+    def n_outliers(self) -> int:
+        """Number of predators (weights kept exactly in FP16)."""
+    @property
+    def planes(self) -> int:
+        """2 if any block has a second ternary plane, else 1."""
+    @property
+    def plane2_fraction(self) -> float:
+        """Fraction of (row group, block) cells that carry a second plane, 0..1."""
+    @property
+    def format_version(self) -> int:
+        """Layout version of this matrix (FORMAT_VERSION)."""
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes one safetensors file, atomically (temporary sibling file + rename).
+
+        Raises OSError when the file cannot be written; nothing is left behind then.
+        """
+    def to_bytes(self) -> bytes:
+        """The exact bytes ``save`` writes: u64 LE header length, header JSON, the arrays."""
+    def metadata(self) -> dict[str, str]:
+        """The safetensors ``__metadata__`` strings: format, format_version, rows, cols,
+        block_size."""
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The nine stored arrays by name as numpy copies (uint8/uint16/uint32/float16,
+        shapes as in FORMAT.md)."""
+
+def compress(
+    weight: npt.NDArray[np.float32],
+    bits: float,
+    block_size: int,
+    importance: npt.NDArray[np.float32] | None = None,
+) -> PackedMatrix:
+    """Compresses C-contiguous float32 weights [N, K] to at most ``bits`` bits per weight
+    (every stored byte counted). ``importance``: optional C-contiguous float32 [K], finite,
+    >= 0, not all zero; weights the squared error per input column. Releases the GIL.
+
+    Raises WeightError (non-finite or |w| > 65504 weights, bad importance, bits <= 0 or
+    below the fixed plane-1 cost), ShapeError (empty, wrong importance length, not
+    C-contiguous), FormatError (block_size not in BLOCK_SIZES).
+    """
+
+def decompress(p: PackedMatrix) -> npt.NDArray[np.float32]:
+    """The dense matrix W as float32 [N, K], row-major."""
+
+def matvec(p: PackedMatrix, x: npt.NDArray[np.float32], int8: bool = False) -> npt.NDArray[np.float32]:
+    """y[N] = W x for C-contiguous float32 x[K]; ``int8`` quantizes x per 32 columns first.
+    Raises ShapeError for a wrong length. Releases the GIL."""
+
+def matmul(p: PackedMatrix, x: npt.NDArray[np.float32], int8: bool = False) -> npt.NDArray[np.float32]:
+    """Y[B, N] = X[B, K] W^T for C-contiguous float32 X (the nn.Linear convention).
+    Raises ShapeError for a wrong K. Releases the GIL."""
+
+def load(path: str | os.PathLike[str]) -> PackedMatrix:
+    """Reads and validates one matrix from a safetensors file.
+    Raises OSError (unreadable file) or FormatError (anything malformed)."""
+
+def from_bytes(data: bytes) -> PackedMatrix:
+    """Parses and validates bytes written by ``PackedMatrix.to_bytes`` / ``save``."""
+
+def from_arrays(meta: dict[str, str], arrays: dict[str, np.ndarray]) -> PackedMatrix:
+    """Builds a matrix from ``metadata()`` and ``arrays()`` output, validating every rule of
+    FORMAT.md. Raises FormatError, or DtypeError for an array dtype the format never uses."""
+
+def set_num_threads(n: int) -> None:
+    """Threads for the CPU kernels and the quantizer (0 = all cores)."""
+
+def get_num_threads() -> int:
+    """Threads the CPU kernels use now."""
+
+def cpu_kernel() -> str:
+    """Which CPU kernel ``matvec`` uses on this machine ("avx512", "avx2", "scalar", ...)."""
