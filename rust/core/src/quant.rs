@@ -25,6 +25,8 @@ use rayon::prelude::*;
 /// Predator counts a row-block may take (nested sets, chosen greedily).
 pub const PREDATOR_COUNTS: [usize; 7] = [0, 1, 2, 3, 4, 6, 8];
 const NM: usize = PREDATOR_COUNTS.len();
+/// Joint-fit refinements used when estimating options (the final fit uses `joint_iters`).
+const STATS_ITERS: usize = 2;
 /// Largest magnitude an FP16 scale or predator can hold.
 pub const F16_MAX: f32 = 65504.0;
 
@@ -207,11 +209,8 @@ impl Fitter {
     /// returns the best (a, b, err) seen, with its codes in t1/t2.
     fn refine(&mut self, x: &[f32], h: &[f32], a0: f32, b0: f32, iters: usize) -> (f32, f32, f64) {
         let n = x.len();
-        let (mut a, mut b) = (a0, b0);
-        let mut best = self.err_of(x, h, a, b);
-        let (mut ba, mut bb) = (a, b);
-        self.bt1.clone_from(&self.t1);
-        self.bt2.clone_from(&self.t2);
+        let (mut ba, mut bb) = (a0, b0);
+        let mut best = self.err_of(x, h, ba, bb);
         for _ in 0..iters {
             // Weighted least squares for (a, b) given the codes.
             let (mut s11, mut s12, mut s22, mut r1, mut r2) = (0f64, 0f64, 0f64, 0f64, 0f64);
@@ -220,17 +219,19 @@ impl Fitter {
                     continue;
                 }
                 let (u, v, w) = (self.t1[k] as f64, self.t2[k] as f64, h[k] as f64);
+                let wx = w * x[k] as f64;
                 s11 += w * u * u;
                 s12 += w * u * v;
                 s22 += w * v * v;
-                r1 += w * u * x[k] as f64;
-                r2 += w * v * x[k] as f64;
+                r1 += u * wx;
+                r2 += v * wx;
             }
             let det = s11 * s22 - s12 * s12;
-            if det.abs() > 1e-9 * (s11 * s22).max(1e-300) {
-                a = round_f16((r1 * s22 - r2 * s12) / det);
-                b = round_f16((r2 * s11 - r1 * s12) / det);
+            if det.abs() <= 1e-9 * (s11 * s22).max(1e-300) {
+                break;
             }
+            let a = round_f16((r1 * s22 - r2 * s12) / det);
+            let b = round_f16((r2 * s11 - r1 * s12) / det);
             // Nearest of the 9 levels a*u + b*v: sort the levels once, then count midpoints.
             let mut lv: [(f32, i8, i8); 9] = [(0.0, 0, 0); 9];
             let mut i = 0;
@@ -242,27 +243,31 @@ impl Fitter {
             }
             lv.sort_by(|p, q| p.0.total_cmp(&q.0));
             let mid: [f32; 8] = std::array::from_fn(|j| 0.5 * (lv[j].0 + lv[j + 1].0));
+            let mut e = 0f64;
+            self.bt1.resize(n, 0);
+            self.bt2.resize(n, 0);
             for k in 0..n {
                 if self.excluded[k] {
+                    self.bt1[k] = 0;
+                    self.bt2[k] = 0;
                     continue;
                 }
-                let idx = mid.iter().filter(|&&m| x[k] > m).count();
-                self.t1[k] = lv[idx].1;
-                self.t2[k] = lv[idx].2;
+                let idx = mid.iter().map(|&m| (x[k] > m) as usize).sum::<usize>();
+                self.bt1[k] = lv[idx].1;
+                self.bt2[k] = lv[idx].2;
+                let d = x[k] - lv[idx].0;
+                e += (h[k] * d * d) as f64;
             }
-            let e = self.err_of(x, h, a, b);
             if e < best {
                 best = e;
                 ba = a;
                 bb = b;
-                self.bt1.clone_from(&self.t1);
-                self.bt2.clone_from(&self.t2);
+                std::mem::swap(&mut self.t1, &mut self.bt1);
+                std::mem::swap(&mut self.t2, &mut self.bt2);
             } else {
                 break;
             }
         }
-        self.t1.clone_from(&self.bt1);
-        self.t2.clone_from(&self.bt2);
         (ba, bb, best)
     }
 
@@ -276,7 +281,8 @@ impl Fitter {
 
     /// Greedy predator sequence: up to `max_m` positions, each the largest weighted error
     /// under the one-plane fit without the ones before it. Also returns the one-plane error
-    /// after each count in `PREDATOR_COUNTS` (INFINITY where not reachable).
+    /// after each count in `PREDATOR_COUNTS` (INFINITY where not reachable). Works on a
+    /// compacted list sorted by |x| (removal = one shift), so every scan is contiguous.
     fn predator_sequence(&mut self, x: &[f32], h: &[f32], max_m: usize) -> (Vec<usize>, [f64; NM]) {
         let n = x.len();
         self.excluded.clear();
@@ -286,40 +292,48 @@ impl Fitter {
         let mut order = std::mem::take(&mut self.order);
         Self::sort_order(&mut order, x);
         self.order = order;
+        // (|x|, h, h|x|, original index) in descending |x|.
+        let mut list: Vec<(f32, f32, f64, usize)> = self.order.iter()
+            .map(|&k| (x[k].abs(), h[k], h[k] as f64 * x[k].abs() as f64, k)).collect();
         let mut seq = Vec::with_capacity(max_m);
         let mut e1 = [f64::INFINITY; NM];
         let mut total = Self::total(x, h, &self.excluded);
         let mut perr = 0f64;
         for m in 0..=max_m {
-            let (support, s, err) = Self::ternary_scan(x, h, &self.excluded, &self.order, total);
+            let (mut a, mut hs) = (0f64, 0f64);
+            let (mut best_gain, mut support, mut best_a, mut best_h) = (0f64, 0usize, 0f64, 0f64);
+            for (i, &(_, hk, hax, _)) in list.iter().enumerate() {
+                a += hax;
+                hs += hk as f64;
+                if hs > 0.0 && a * a > best_gain * hs {
+                    best_gain = a * a / hs;
+                    support = i + 1;
+                    best_a = a;
+                    best_h = hs;
+                }
+            }
+            let s = if support > 0 { round_f16(best_a / best_h) } else { 0.0 };
+            let err = (total - 2.0 * s as f64 * best_a + (s as f64) * (s as f64) * best_h).max(0.0);
             if let Some(ci) = PREDATOR_COUNTS.iter().position(|&c| c == m) {
                 e1[ci] = err + perr;
             }
-            if m == max_m {
+            if m == max_m || list.is_empty() {
                 break;
             }
             // Largest weighted error: h (|x| - s)^2 inside the support, h x^2 outside.
-            let mut best = (0f32, usize::MAX);
-            let mut i = 0;
-            for &k in &self.order {
-                if self.excluded[k] {
-                    continue;
-                }
-                let d = if i < support { x[k].abs() - s } else { x[k] };
-                let e = h[k] * d * d;
+            let mut best = (-1f32, 0usize);
+            for (i, &(ax, hk, _, _)) in list.iter().enumerate() {
+                let d = if i < support { ax - s } else { ax };
+                let e = hk * d * d;
                 if e > best.0 {
-                    best = (e, k);
+                    best = (e, i);
                 }
-                i += 1;
             }
-            if best.1 == usize::MAX {
-                break;
-            }
-            let k = best.1;
+            let (ax, hk, _, k) = list.remove(best.1);
             self.excluded[k] = true;
-            total -= h[k] as f64 * (x[k] as f64) * (x[k] as f64);
+            total -= hk as f64 * (ax as f64) * (ax as f64);
             let d = x[k] as f64 - f16::from_f32(x[k]).to_f64();
-            perr += h[k] as f64 * d * d;
+            perr += hk as f64 * d * d;
             seq.push(k);
         }
         (seq, e1)
@@ -345,8 +359,10 @@ impl Fitter {
             out[0][ci] = e1[ci] as f32;
         }
         if cfg.allow_plane2 {
+            // Fewer refinements than `fit` does: `fit` continues the same sequence, so these
+            // stay upper bounds.
             self.set_excluded(x.len(), &[]);
-            let (a, b, e0) = self.two_planes(x, h, cfg.joint_iters);
+            let (a, b, e0) = self.two_planes(x, h, cfg.joint_iters.min(STATS_ITERS));
             let mut removed = 0f64;
             let mut m = 0;
             for (ci, &cnt) in PREDATOR_COUNTS.iter().enumerate() {
