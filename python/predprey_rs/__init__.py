@@ -22,6 +22,7 @@ from ._core import (
     ShapeError,
     WeightError,
 )
+from .io import compress_checkpoint, inspect_checkpoint, load_checkpoint, save_checkpoint
 
 __version__ = _core.__version__
 
@@ -35,12 +36,16 @@ __all__ = [
     "ShapeError",
     "WeightError",
     "compress",
+    "compress_checkpoint",
     "decompress",
     "from_arrays",
     "get_num_threads",
+    "inspect_checkpoint",
     "load",
+    "load_checkpoint",
     "matmul",
     "matvec",
+    "save_checkpoint",
     "set_num_threads",
 ]
 
