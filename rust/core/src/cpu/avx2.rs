@@ -1,0 +1,206 @@
+//! AVX2 kernels (AVX2 + FMA + F16C), for x86-64 CPUs without AVX-512 VBMI.
+//!
+//! A 32-column vector (one int8 quantization chunk, inside one block for every block size) is
+//! widened to 16-bit lanes once, and the digit of row i is computed exactly with two multiplies:
+//! `u = lo16(b * M_i)`, `c_i = hi16(u * 3)`, `M_i = ceil(2^16 / 3^(i+1))`. (`u / 2^16` is the
+//! fraction of `b / 3^(i+1)` plus at most `242 / 2^16`, less than the distance 1/243 between
+//! possible fractions, so the digit boundary is never crossed; a test checks all 243 bytes.)
+//! Then int8: `vpmaddwd(t, q)` per 16 columns; float32: digits to float and FMA.
+
+use super::{Activations, Ctx, BATCH_TILE};
+use crate::format::ROWS_PER_GROUP;
+use core::arch::x86_64::*;
+
+const R: usize = ROWS_PER_GROUP;
+
+/// `ceil(2^16 / 3^(i+1))` for i = 0..5.
+pub(super) const MUL: [i16; R] = [21846, 7282, 2428, 810, 270];
+
+/// The digit formula the kernel uses, for tests: `((b * MUL[i]) mod 2^16) * 3 >> 16`.
+#[cfg(test)]
+pub(super) fn digit_formula(b: u8, i: usize) -> u8 {
+    let u = (b as u32 * MUL[i] as u32) & 0xFFFF;
+    ((u * 3) >> 16) as u8
+}
+
+/// Whether the CPU has every feature these kernels are compiled for.
+pub(super) fn supported() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+}
+
+type GroupFn = unsafe fn(&Ctx, usize, usize, &mut [f32], &mut [f32]);
+
+fn pick<const NB: usize>(act: Activations) -> GroupFn {
+    match act {
+        Activations::Int8 => group::<NB, true>,
+        Activations::F32 => group::<NB, false>,
+    }
+}
+
+fn pick_nb(nb: usize, act: Activations) -> GroupFn {
+    match nb {
+        1 => pick::<1>(act),
+        2 => pick::<2>(act),
+        3 => pick::<3>(act),
+        4 => pick::<4>(act),
+        5 => pick::<5>(act),
+        6 => pick::<6>(act),
+        7 => pick::<7>(act),
+        _ => pick::<8>(act),
+    }
+}
+
+/// Computes groups `g0..` into `out` ([group][row in group][batch]).
+///
+/// # Safety
+/// The CPU supports the features in [`supported`]; `c` satisfies the sizes documented on `Ctx`;
+/// `scratch` holds at least `5 * (nb + 1)` floats.
+pub(super) unsafe fn groups(c: &Ctx, g0: usize, out: &mut [f32], scratch: &mut [f32]) {
+    let per_group = R * c.batch;
+    for (gi, og) in out.chunks_exact_mut(per_group).enumerate() {
+        let mut b0 = 0;
+        while b0 < c.batch {
+            let nb = (c.batch - b0).min(BATCH_TILE);
+            // SAFETY: forwarded from the caller; the kernel handles exactly `nb` vectors from b0.
+            unsafe { pick_nb(nb, c.act)(c, g0 + gi, b0, og, scratch) };
+            b0 += nb;
+        }
+    }
+}
+
+/// One group for batch vectors `b0..b0 + NB`.
+///
+/// # Safety
+/// As for [`groups`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group<const NB: usize, const INT8: bool>(c: &Ctx, g: usize, b0: usize, out: &mut [f32], scr: &mut [f32]) {
+    let p = c.p;
+    let (bs, kp, nb) = (c.d.block_size, c.d.padded_cols, c.d.n_blocks);
+    let stride = c.x.stride;
+    // Plane-1 scales of the five rows as f32, row i at i * nb (0 for padding rows).
+    for i in 0..R {
+        let r = g * R + i;
+        let dst = &mut scr[i * nb..(i + 1) * nb];
+        if r >= p.rows {
+            dst.fill(0.0);
+            continue;
+        }
+        let src = &p.scales[r * nb..(r + 1) * nb];
+        let mut k = 0;
+        while k + 8 <= nb {
+            // SAFETY: k + 8 <= nb = src.len() = dst.len(); f16 is a transparent u16.
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(k) as *const __m128i);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(k), _mm256_cvtph_ps(h));
+            }
+            k += 8;
+        }
+        for kk in k..nb {
+            dst[kk] = src[kk].to_f32();
+        }
+    }
+    let xf: [&[f32]; NB] = core::array::from_fn(|b| c.x.xf(b0 + b));
+    let xq: [&[i8]; NB] = core::array::from_fn(|b| if INT8 { c.x.xq(b0 + b) } else { &[][..] });
+    let sx: [&[f32]; NB] = core::array::from_fn(|b| if INT8 { c.x.sx(b0 + b) } else { &[][..] });
+    let mut acc = [[_mm256_setzero_ps(); NB]; R];
+
+    // One 32-byte code vector against columns col..col + 32, row scales `sw`.
+    let mut step = |codes: &[u8], col: usize, sw: [f32; R]| {
+        debug_assert!(codes.len() >= 32 && col + 32 <= stride);
+        // SAFETY: codes holds >= 32 bytes (callers pass 32-byte subslices).
+        let cv = unsafe { _mm256_loadu_si256(codes.as_ptr() as *const __m256i) };
+        let w = [_mm256_cvtepu8_epi16(_mm256_castsi256_si128(cv)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(cv))];
+        let three = _mm256_set1_epi16(3);
+        let one = _mm256_set1_epi16(1);
+        // t = digit - 1 in 16-bit lanes, columns 0..16 and 16..32.
+        let t: [[__m256i; 2]; R] = core::array::from_fn(|i| {
+            let m = _mm256_set1_epi16(MUL[i]);
+            w.map(|w| _mm256_sub_epi16(_mm256_mulhi_epu16(_mm256_mullo_epi16(w, m), three), one))
+        });
+        if INT8 {
+            for b in 0..NB {
+                let s = sx[b][col / 32];
+                // SAFETY: col + 32 <= stride = xq[b].len().
+                let q = unsafe {
+                    [
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(xq[b].as_ptr().add(col) as *const __m128i)),
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(xq[b].as_ptr().add(col + 16) as *const __m128i)),
+                    ]
+                };
+                for i in 0..R {
+                    let d = _mm256_add_epi32(_mm256_madd_epi16(t[i][0], q[0]), _mm256_madd_epi16(t[i][1], q[1]));
+                    acc[i][b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sw[i] * s), acc[i][b]);
+                }
+            }
+        } else {
+            // Digits as float, 4 x 8 columns per row, shared by the batch.
+            let tf: [[__m256; 4]; R] = core::array::from_fn(|i| {
+                let [lo, hi] = t[i];
+                [
+                    _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo))),
+                    _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(lo))),
+                    _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(hi))),
+                    _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(hi))),
+                ]
+            });
+            for b in 0..NB {
+                // SAFETY: col + 32 <= stride = xf[b].len().
+                let xv: [__m256; 4] = unsafe { core::array::from_fn(|q| _mm256_loadu_ps(xf[b].as_ptr().add(col + 8 * q))) };
+                for i in 0..R {
+                    let s = _mm256_fmadd_ps(tf[i][1], xv[1], _mm256_mul_ps(tf[i][0], xv[0]));
+                    let s = _mm256_fmadd_ps(tf[i][3], xv[3], _mm256_fmadd_ps(tf[i][2], xv[2], s));
+                    acc[i][b] = _mm256_fmadd_ps(s, _mm256_set1_ps(sw[i]), acc[i][b]);
+                }
+            }
+        }
+    };
+
+    let codes = &p.codes[g * kp..(g + 1) * kp];
+    for v in 0..kp / 32 {
+        let blk = v * 32 / bs;
+        let sw: [f32; R] = core::array::from_fn(|i| scr[i * nb + blk]);
+        step(&codes[32 * v..32 * v + 32], 32 * v, sw);
+    }
+    for e in c.p2_entries(g) {
+        let blk = c.p2_block(e);
+        let sw: [f32; R] = core::array::from_fn(|i| p.p2_scales[e * R + i].to_f32());
+        let pc = &p.p2_codes[e * bs..(e + 1) * bs];
+        for u in 0..bs / 32 {
+            step(&pc[32 * u..32 * u + 32], blk * bs + 32 * u, sw);
+        }
+    }
+
+    for i in 0..R {
+        let r = g * R + i;
+        for b in 0..NB {
+            let mut y = hsum(acc[i][b]);
+            if r < p.rows {
+                y += predators(c, r, xf[b]);
+            }
+            out[i * c.batch + b0 + b] = y;
+        }
+    }
+}
+
+#[inline(always)]
+fn hsum(v: __m256) -> f32 {
+    let mut a = [0f32; 8];
+    // SAFETY: `a` is 8 floats, exactly one unaligned 256-bit store (AVX is implied by the callers' AVX2).
+    unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
+
+/// Sum of `value * x[col]` over the predators of row `r` (float32; invalid columns read 0).
+#[inline(always)]
+fn predators(c: &Ctx, r: usize, xf: &[f32]) -> f32 {
+    let p = c.p;
+    let range = c.predators(r);
+    let (cols, vals) = (&p.out_cols[range.clone()], &p.out_vals[range]);
+    let mut sum = 0f32;
+    for (&col, v) in cols.iter().zip(vals) {
+        sum += v.to_f32() * xf.get(col as usize).copied().unwrap_or(0.0);
+    }
+    sum
+}

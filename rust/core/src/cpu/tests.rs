@@ -1,0 +1,469 @@
+//! Every fast path against the scalar reference (and the float64 dense product), on random
+//! packed matrices built directly from random codes.
+
+use super::*;
+use crate::format::{pack_digits, Dims, DIGITS, ZERO_CODE_BYTE};
+use half::f16;
+
+/// splitmix64: tiny, deterministic, good enough for test data.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    pub fn u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn f64(&mut self) -> f64 {
+        (self.u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.u64() % n as u64) as usize
+    }
+    pub fn normal(&mut self) -> f64 {
+        let u = self.f64().max(1e-300);
+        let v = self.f64();
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+    /// Student-t with 3 degrees of freedom (heavy tails).
+    pub fn student3(&mut self) -> f64 {
+        let chi2: f64 = (0..3).map(|_| self.normal().powi(2)).sum();
+        self.normal() / (chi2 / 3.0).sqrt()
+    }
+}
+
+/// Options for [`random_packed_with`].
+#[derive(Clone, Copy)]
+pub(crate) struct Opts {
+    /// Scales are `scale * uniform(0.05, 1) * random sign`.
+    pub scale: f32,
+    /// Every plane-1 and plane-2 scale is 0.
+    pub zero_scales: bool,
+}
+
+/// A random valid packed matrix: random digits everywhere (code 0 under predators, 121 in
+/// padding rows and columns), plane-2 entries on a `p2_density` fraction of (group, block)
+/// cells, predators on an `outlier_density` fraction of the weights. Validated.
+pub(crate) fn random_packed(rows: usize, cols: usize, block: usize, p2_density: f64, outlier_density: f64, seed: u64) -> PackedMatrix {
+    random_packed_with(rows, cols, block, p2_density, outlier_density, seed, Opts { scale: 1.0, zero_scales: false })
+}
+
+pub(crate) fn random_packed_with(
+    rows: usize,
+    cols: usize,
+    block: usize,
+    p2_density: f64,
+    outlier_density: f64,
+    seed: u64,
+    o: Opts,
+) -> PackedMatrix {
+    let d = Dims::new(rows, cols, block).unwrap();
+    let (g, kp, nb) = (d.n_groups, d.padded_cols, d.n_blocks);
+    let mut rng = Rng::new(seed);
+    let scale = |rng: &mut Rng| -> f16 {
+        if o.zero_scales {
+            return f16::ZERO;
+        }
+        let s = o.scale * (0.05 + 0.95 * rng.f64() as f32) * if rng.u64() & 1 == 0 { 1.0 } else { -1.0 };
+        f16::from_f32(s)
+    };
+    // Predators first: a predator position gets ternary 0 in every plane.
+    let mut is_pred = vec![false; rows * cols];
+    let (mut out_ptr, mut out_cols, mut out_vals) = (vec![0u32], Vec::new(), Vec::new());
+    for r in 0..rows {
+        for k in 0..cols {
+            if rng.f64() < outlier_density {
+                is_pred[r * cols + k] = true;
+                out_cols.push(k as u32);
+                out_vals.push(f16::from_f32(((4.0 * rng.normal() as f32) * o.scale.max(1e-3)).clamp(-65000.0, 65000.0)));
+            }
+        }
+        out_ptr.push(out_cols.len() as u32);
+    }
+    let real = |r: usize, k: usize| r < rows && k < cols && !is_pred[r * cols + k];
+    let byte = |rng: &mut Rng, gi: usize, k: usize| -> u8 {
+        let mut c = [1u8; 5];
+        for (i, ci) in c.iter_mut().enumerate() {
+            if real(gi * 5 + i, k) {
+                *ci = rng.below(3) as u8;
+            }
+        }
+        pack_digits(c)
+    };
+    let mut codes = vec![ZERO_CODE_BYTE; g * kp];
+    for gi in 0..g {
+        for k in 0..kp {
+            codes[gi * kp + k] = byte(&mut rng, gi, k);
+        }
+    }
+    let scales: Vec<f16> = (0..rows * nb).map(|_| scale(&mut rng)).collect();
+    let (mut p2_ptr, mut p2_block, mut p2_scales, mut p2_codes) = (vec![0u32], Vec::new(), Vec::new(), Vec::new());
+    for gi in 0..g {
+        for blk in 0..nb {
+            if rng.f64() < p2_density {
+                p2_block.push(blk as u16);
+                for i in 0..5 {
+                    p2_scales.push(if gi * 5 + i < rows { scale(&mut rng) } else { f16::ZERO });
+                }
+                for kk in 0..block {
+                    p2_codes.push(byte(&mut rng, gi, blk * block + kk));
+                }
+            }
+        }
+        p2_ptr.push(p2_block.len() as u32);
+    }
+    let p = PackedMatrix {
+        rows,
+        cols,
+        block_size: block,
+        codes,
+        scales,
+        p2_ptr,
+        p2_block,
+        p2_scales,
+        p2_codes,
+        out_ptr,
+        out_cols,
+        out_vals,
+    };
+    p.validate().unwrap();
+    p
+}
+
+fn random_x(rng: &mut Rng, n: usize, mag: f32, heavy: bool) -> Vec<f32> {
+    (0..n).map(|_| mag * if heavy { rng.student3() } else { rng.normal() } as f32).collect()
+}
+
+/// Y = X W^T from the decompressed matrix, in float64.
+fn dense(p: &PackedMatrix, x: &[f32], batch: usize) -> Vec<f64> {
+    let w = p.decompress();
+    let (n, k) = (p.rows, p.cols);
+    let mut y = vec![0f64; batch * n];
+    for b in 0..batch {
+        for r in 0..n {
+            y[b * n + r] = (0..k).map(|c| w[r * k + c] as f64 * x[b * k + c] as f64).sum();
+        }
+    }
+    y
+}
+
+/// The documented int8 bound, row by row: |y8_r - y_r| <= sum_j max_j|x| / 254 * sum_{k in j} |T_rk|
+/// (T = W without predators), plus float rounding (1e-5 of sum_k |W_rk x_k|).
+fn check_int8_bound(p: &PackedMatrix, x: &[f32], batch: usize, y8: &[f32], want: &[f64], what: &str) {
+    let (n, k) = (p.rows, p.cols);
+    let mut t = p.decompress();
+    for r in 0..n {
+        for j in p.out_ptr[r] as usize..p.out_ptr[r + 1] as usize {
+            t[r * k + p.out_cols[j] as usize] = 0.0;
+        }
+    }
+    let w = p.decompress();
+    for b in 0..batch {
+        let xb = &x[b * k..(b + 1) * k];
+        for r in 0..n {
+            let mut bound = 0f64;
+            for (j, xc) in xb.chunks(QUANT_CHUNK).enumerate() {
+                let amax = xc.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                let tsum: f64 = (0..xc.len()).map(|kk| t[r * k + j * QUANT_CHUNK + kk].abs() as f64).sum();
+                bound += amax / 254.0 * tsum;
+            }
+            let mag: f64 = (0..k).map(|c| (w[r * k + c] as f64 * xb[c] as f64).abs()).sum();
+            let err = (y8[b * n + r] as f64 - want[b * n + r]).abs();
+            assert!(err <= bound * 1.001 + 1e-5 * mag, "int8 bound broken at row {r}, batch {b}: {err:e} > {bound:e} ({what})");
+        }
+    }
+}
+
+/// Norm-wise relative error ||y - want|| / ||want|| (0 when both are 0).
+fn rel(y: &[f32], want: &[f64]) -> f64 {
+    let num: f64 = y.iter().zip(want).map(|(a, b)| (*a as f64 - b).powi(2)).sum::<f64>().sqrt();
+    let den: f64 = want.iter().map(|b| b * b).sum::<f64>().sqrt();
+    if num == 0.0 {
+        0.0
+    } else {
+        num / den
+    }
+}
+
+fn run(level: Level, p: &PackedMatrix, x: &[f32], batch: usize, act: Activations) -> Vec<f32> {
+    let mut y = vec![f32::NAN; batch * p.rows];
+    matmul_with(level, p, x, batch, act, &mut y).unwrap();
+    y
+}
+
+fn levels() -> Vec<Level> {
+    let l: Vec<Level> = Level::ALL.into_iter().filter(|l| l.supported()).collect();
+    if std::env::var_os("PREDPREY_REQUIRE_AVX512").is_some() {
+        assert!(l.contains(&Level::Avx512), "AVX-512 kernel required but not supported here");
+    }
+    l
+}
+
+/// Tolerances, with their reasons:
+/// * float32 vs float64 dense: 1e-5 norm-wise, the acceptance bound (f32 accumulation over
+///   K terms in 16 lanes, about 1e-7 in practice);
+/// * int8 fast path vs int8 reference: 1e-5 (identical quantization and integer sums; only the
+///   float32 products scale * s_j and the accumulation round);
+/// * int8 vs float64 dense: 2e-2 (quantization of x per 32 columns, ~0.5 % for normal x).
+const TOL_F32: f64 = 1e-5;
+const TOL_INT8_SAME: f64 = 1e-5;
+const TOL_INT8: f64 = 2e-2;
+
+/// Checks every supported level, both activations, on `p` with batches `batches`.
+fn check_all(p: &PackedMatrix, batches: &[usize], seed: u64, xmag: f32, heavy: bool) {
+    let mut rng = Rng::new(seed);
+    for &batch in batches {
+        let x = random_x(&mut rng, batch * p.cols, xmag, heavy);
+        let want = dense(p, &x, batch);
+        let ref8 = run(Level::Scalar, p, &x, batch, Activations::Int8);
+        let what = format!("{}x{} B={} batch={batch} E={} M={}", p.rows, p.cols, p.block_size, p.n_p2_entries(), p.n_outliers());
+        check_int8_bound(p, &x, batch, &ref8, &want, &what);
+        let e8 = rel(&ref8, &want);
+        // The 2 % norm-wise figure is statistical: hold to it on normal x and >= 4096 weights.
+        if !heavy && p.rows * p.cols >= 4096 {
+            assert!(e8 <= TOL_INT8, "scalar int8 vs dense: {e8:.3e} ({what})");
+        }
+        for level in levels() {
+            let y = run(level, p, &x, batch, Activations::F32);
+            let e = rel(&y, &want);
+            assert!(e <= TOL_F32, "{level:?} f32 vs dense: {e:.3e} ({what})");
+            let y8 = run(level, p, &x, batch, Activations::Int8);
+            let ref8d: Vec<f64> = ref8.iter().map(|&v| v as f64).collect();
+            let e = rel(&y8, &ref8d);
+            assert!(e <= TOL_INT8_SAME, "{level:?} int8 vs scalar int8: {e:.3e} ({what})");
+        }
+    }
+}
+
+#[test]
+fn digit_decoders_match_the_format() {
+    for b in 0..=242u8 {
+        for i in 0..5 {
+            assert_eq!(avx2::digit_formula(b, i), DIGITS[b as usize][i], "avx2 formula, byte {b} row {i}");
+            // Balanced trick: digits of b are those of |b - 121|, negated when b < 121.
+            let v = b as i32 - 121;
+            let t = avx512::bal_digit(v.unsigned_abs() as usize, i) as i32 - 1;
+            let t = if v < 0 { -t } else { t };
+            assert_eq!(t, DIGITS[b as usize][i] as i32 - 1, "balanced LUT, byte {b} row {i}");
+        }
+    }
+}
+
+#[test]
+fn scalar_reference_matches_dense() {
+    let p = random_packed(23, 200, 64, 0.6, 0.02, 1);
+    let mut rng = Rng::new(2);
+    let x = random_x(&mut rng, 200, 1.0, false);
+    let want = dense(&p, &x, 1);
+    let y = run(Level::Scalar, &p, &x, 1, Activations::F32);
+    // f64 accumulation of the same values: only the f32 rounding of W and of y remain.
+    assert!(rel(&y, &want) <= 1e-6, "{}", rel(&y, &want));
+}
+
+#[test]
+fn awkward_shapes_every_block_size() {
+    let mut seed = 10;
+    for &block in &crate::format::BLOCK_SIZES {
+        for &(n, k) in &[(1, 1), (1, 100), (2, 31), (5, 64), (7, 33), (11, 576), (12, 700), (3, block + 1), (6, 2 * block - 1)] {
+            seed += 1;
+            let p = random_packed(n, k, block, 0.6, 0.01, seed);
+            check_all(&p, &[1, 2], seed, 1.0, false);
+        }
+    }
+}
+
+#[test]
+fn plane2_and_predator_densities() {
+    for (i, &(p2, out)) in [(0.0, 0.0), (1.0, 0.0), (0.0, 0.2), (1.0, 0.3), (0.6, 0.01)].iter().enumerate() {
+        for &block in &[32, 64, 256] {
+            let p = random_packed(17, 600, block, p2, out, 100 + i as u64);
+            check_all(&p, &[1, 3], 200 + i as u64, 1.0, false);
+        }
+    }
+}
+
+#[test]
+fn every_batch_size() {
+    for &block in &[32, 128] {
+        let p = random_packed(14, 450, block, 0.6, 0.01, 300);
+        check_all(&p, &(1..=9).chain([16, 17]).collect::<Vec<_>>(), 301, 1.0, false);
+    }
+}
+
+#[test]
+fn larger_matrix_parallel_path() {
+    // Enough work for the rayon path (n_groups * Kp >= 2^17).
+    let p = random_packed(203, 2304, 64, 0.6, 0.01, 400);
+    check_all(&p, &[1, 4], 401, 1.0, false);
+    let p = random_packed(96, 1537, 32, 0.5, 0.01, 402);
+    check_all(&p, &[1], 403, 1.0, true);
+}
+
+#[test]
+fn huge_and_tiny_magnitudes() {
+    let opts = |scale| Opts { scale, zero_scales: false };
+    for (j, &(scale, xmag)) in [(6.0e4f32, 1.0e15f32), (1.0e-6, 1.0e-20), (1.0e-7, 1.0e10), (3.0e4, 1.0e-12)].iter().enumerate() {
+        for &block in &[32, 64] {
+            let p = random_packed_with(12, 333, block, 0.6, 0.02, 500 + j as u64, opts(scale));
+            check_all(&p, &[1, 2], 600 + j as u64, xmag, false);
+        }
+    }
+}
+
+#[test]
+fn heavy_tailed_x() {
+    let p = random_packed(31, 1000, 64, 0.6, 0.01, 700);
+    check_all(&p, &[1, 5], 701, 1.0, true);
+}
+
+#[test]
+fn zero_scales_leave_only_predators() {
+    let p = random_packed_with(9, 130, 64, 0.7, 0.05, 800, Opts { scale: 1.0, zero_scales: true });
+    let mut rng = Rng::new(801);
+    let x = random_x(&mut rng, 130, 1.0, false);
+    let want = dense(&p, &x, 1);
+    for level in levels() {
+        for act in [Activations::F32, Activations::Int8] {
+            let y = run(level, &p, &x, 1, act);
+            // Only predators remain, and those use float32 x exactly in both activations.
+            assert!(rel(&y, &want) <= TOL_F32, "{level:?} {act:?}: {}", rel(&y, &want));
+        }
+    }
+    // No predators either: exactly zero.
+    let p = random_packed_with(9, 130, 64, 0.7, 0.0, 802, Opts { scale: 1.0, zero_scales: true });
+    for level in levels() {
+        for act in [Activations::F32, Activations::Int8] {
+            assert!(run(level, &p, &x, 1, act).iter().all(|&v| v == 0.0), "{level:?} {act:?}");
+        }
+    }
+}
+
+#[test]
+fn zero_and_constant_x() {
+    let p = random_packed(16, 257, 64, 0.6, 0.02, 900);
+    for level in levels() {
+        for act in [Activations::F32, Activations::Int8] {
+            assert!(run(level, &p, &vec![0.0; 257], 1, act).iter().all(|&v| v == 0.0), "{level:?} {act:?}");
+            let x = vec![0.75f32; 257];
+            let want = dense(&p, &x, 1);
+            // A constant chunk quantizes exactly (q = 127 everywhere), so int8 is exact too.
+            assert!(rel(&run(level, &p, &x, 1, act), &want) <= TOL_F32, "{level:?} {act:?}");
+        }
+    }
+}
+
+#[test]
+fn non_finite_x_shows_in_y() {
+    let p = random_packed(10, 100, 32, 0.6, 0.0, 950);
+    let mut x = vec![1.0f32; 100];
+    x[40] = f32::NAN;
+    for level in levels() {
+        let y = run(level, &p, &x, 1, Activations::Int8);
+        assert!(y.iter().all(|v| v.is_nan()), "{level:?}: NaN in x must poison the int8 result");
+    }
+}
+
+#[test]
+fn quantize_chunk_rule() {
+    let mut q = [0i8; 32];
+    let mut x = [0f32; 32];
+    assert_eq!(quantize_chunk(&x, &mut q), 0.0);
+    assert!(q.iter().all(|&v| v == 0));
+    x[0] = -2.54;
+    x[1] = 1.27;
+    x[2] = 0.01; // 0.01 / 0.02 = 0.5 -> rounds half to even -> 0
+    x[3] = 0.03; // 1.5 -> 2
+    let s = quantize_chunk(&x, &mut q);
+    assert!((s - 0.02).abs() < 1e-7);
+    assert_eq!(&q[..4], &[-127, 64, 0, 2]);
+    for (v, qq) in x.iter().zip(q) {
+        assert!((v - s * qq as f32).abs() <= s / 2.0 * 1.0001, "{v} {qq}");
+    }
+    x[5] = f32::INFINITY;
+    assert!(quantize_chunk(&x, &mut q).is_nan());
+}
+
+#[test]
+fn shape_errors_before_work() {
+    let p = random_packed(6, 40, 32, 0.5, 0.0, 1000);
+    let mut y = vec![7.0f32; 6];
+    assert!(matvec(&p, &[0.0; 39], Activations::F32, &mut y).is_err());
+    assert!(matvec(&p, &[0.0; 40], Activations::F32, &mut [0.0; 5]).is_err());
+    assert!(matmul(&p, &[0.0; 80], 3, Activations::Int8, &mut vec![0.0; 18]).is_err());
+    assert!(matmul(&p, &[0.0; 80], usize::MAX, Activations::Int8, &mut y).is_err());
+    assert_eq!(y, vec![7.0; 6], "y untouched on error");
+    assert!(matmul(&p, &[], 0, Activations::F32, &mut []).is_ok());
+    let mut bad = p.clone();
+    bad.codes.pop();
+    let err = matvec(&bad, &[0.0; 40], Activations::F32, &mut y).unwrap_err();
+    assert!(err.to_string().contains("codes"), "{err}");
+    let mut bad = p.clone();
+    bad.block_size = 0;
+    assert!(matvec(&bad, &[0.0; 40], Activations::F32, &mut y).is_err());
+}
+
+#[test]
+fn invalid_matrices_never_panic() {
+    // Structure that `validate` rejects but the length checks pass: the kernels clamp.
+    let p = random_packed(12, 100, 32, 0.6, 0.05, 1100);
+    let x = vec![1.0f32; 100];
+    let mut y = vec![0f32; 12];
+    let mut bads = Vec::new();
+    let mut b = p.clone();
+    b.p2_ptr[1] = u32::MAX;
+    bads.push(b);
+    let mut b = p.clone();
+    b.p2_ptr.reverse();
+    bads.push(b);
+    let mut b = p.clone();
+    b.p2_block.iter_mut().for_each(|v| *v = u16::MAX);
+    bads.push(b);
+    let mut b = p.clone();
+    b.out_cols.iter_mut().for_each(|v| *v = u32::MAX);
+    bads.push(b);
+    let mut b = p.clone();
+    b.out_ptr.iter_mut().for_each(|v| *v = u32::MAX);
+    bads.push(b);
+    let mut b = p.clone();
+    b.codes.iter_mut().for_each(|v| *v = 255);
+    bads.push(b);
+    for b in &bads {
+        for level in levels() {
+            for act in [Activations::F32, Activations::Int8] {
+                matmul_with(level, b, &x, 1, act, &mut y).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn public_entry_points_agree() {
+    let p = random_packed(21, 300, 64, 0.6, 0.01, 1200);
+    let mut rng = Rng::new(1201);
+    let x = random_x(&mut rng, 3 * 300, 1.0, false);
+    for act in [Activations::F32, Activations::Int8] {
+        let mut y = vec![0f32; 3 * 21];
+        matmul(&p, &x, 3, act, &mut y).unwrap();
+        assert_eq!(y, run(Level::detect(), &p, &x, 3, act));
+        let mut y1 = vec![0f32; 21];
+        matvec(&p, &x[300..600], act, &mut y1).unwrap();
+        assert_eq!(y1, run(Level::detect(), &p, &x[300..600], 1, act));
+    }
+    assert_eq!(kernel_name(), Level::detect().name());
+}
+
+#[test]
+fn thread_pool() {
+    set_num_threads(1).unwrap();
+    assert_eq!(num_threads(), 1);
+    assert_eq!(run_in_pool(rayon::current_num_threads), 1);
+    set_num_threads(0).unwrap();
+    assert_eq!(num_threads(), std::thread::available_parallelism().unwrap().get());
+    assert!(set_num_threads(1 << 20).is_err());
+}
