@@ -129,3 +129,6 @@ def get_num_threads() -> int:
 
 def cpu_kernel() -> str:
     """Which CPU kernel ``matvec`` uses on this machine ("avx512", "avx2", "scalar", ...)."""
+
+def shader_source(name: str) -> str:
+    """The WGSL source of ``shaders/<name>`` (embedded at build time); KeyError if unknown."""

@@ -6,5 +6,6 @@
 pub mod cpu;
 pub mod format;
 pub mod quant;
+pub mod shaders;
 
 pub use format::{FormatError, PackedMatrix};

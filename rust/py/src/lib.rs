@@ -273,6 +273,15 @@ fn cpu_kernel() -> &'static str {
     cpu::kernel_name()
 }
 
+/// The WGSL source of `shaders/<name>`, embedded in the extension at build time.
+#[pyfunction]
+fn shader_source(name: &str) -> PyResult<&'static str> {
+    predprey_core::shaders::source(name).ok_or_else(|| {
+        let names: Vec<&str> = predprey_core::shaders::SHADERS.iter().map(|(n, _)| *n).collect();
+        pyo3::exceptions::PyKeyError::new_err(format!("no shader named {name:?}; the shaders are {names:?}"))
+    })
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
@@ -287,6 +296,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_kernel, m)?)?;
+    m.add_function(wrap_pyfunction!(shader_source, m)?)?;
     m.add("FORMAT_VERSION", format::FORMAT_VERSION)?;
     m.add("ROWS_PER_GROUP", format::ROWS_PER_GROUP)?;
     m.add("BLOCK_SIZES", format::BLOCK_SIZES.to_vec())?;
