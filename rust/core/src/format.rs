@@ -603,6 +603,148 @@ impl PackedMatrix {
     }
 }
 
+/// A packed matrix spelled out densely, for tools that choose codes themselves (e.g. the
+/// calibration's error-feedback pass): every array is row-major over the real N x K weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Parts {
+    pub rows: usize,
+    pub cols: usize,
+    pub block_size: usize,
+    /// Plane-1 codes, -1/0/+1, [N, K].
+    pub t1: Vec<i8>,
+    /// Plane-1 scales, [N, nb].
+    pub s1: Vec<f32>,
+    /// Which (group, block) cells carry plane 2, [G, nb].
+    pub p2: Vec<bool>,
+    /// Plane-2 codes, [N, K] (0 outside plane-2 cells).
+    pub t2: Vec<i8>,
+    /// Plane-2 scales, [N, nb] (0 outside plane-2 cells).
+    pub s2: Vec<f32>,
+    /// Predator values, [N, K]; NaN where there is no predator.
+    pub pred: Vec<f32>,
+}
+
+impl PackedMatrix {
+    /// The dense spelling of this matrix (inverse of `from_parts`).
+    pub fn to_parts(&self) -> Parts {
+        let d = self.dims();
+        let (n, k, nb) = (self.rows, self.cols, d.n_blocks);
+        let mut p = Parts {
+            rows: n, cols: k, block_size: d.block_size,
+            t1: vec![0; n * k], s1: self.scales.iter().map(|v| v.to_f32()).collect(),
+            p2: vec![false; d.n_groups * nb], t2: vec![0; n * k], s2: vec![0.0; n * nb],
+            pred: vec![f32::NAN; n * k],
+        };
+        for r in 0..n {
+            for c in 0..k {
+                p.t1[r * k + c] = self.plane_code(r, c);
+            }
+            for j in self.out_ptr[r] as usize..self.out_ptr[r + 1] as usize {
+                p.pred[r * k + self.out_cols[j] as usize] = self.out_vals[j].to_f32();
+            }
+        }
+        for g in 0..d.n_groups {
+            for e in self.p2_range(g) {
+                let blk = self.p2_block[e] as usize;
+                p.p2[g * nb + blk] = true;
+                for i in 0..ROWS_PER_GROUP {
+                    let r = g * ROWS_PER_GROUP + i;
+                    if r >= n {
+                        break;
+                    }
+                    p.s2[r * nb + blk] = self.p2_scales[e * ROWS_PER_GROUP + i].to_f32();
+                    for kk in 0..d.block_size {
+                        let c = blk * d.block_size + kk;
+                        if c < k {
+                            p.t2[r * k + c] = DIGITS[self.p2_codes[e * d.block_size + kk] as usize][i] as i8 - 1;
+                        }
+                    }
+                }
+            }
+        }
+        p
+    }
+
+    /// Packs a dense spelling. Scales are rounded to FP16 (they must be finite and within
+    /// FP16 range), predator values too; codes must be -1/0/+1, zero under predators and zero
+    /// in plane 2 outside its cells. The result is validated.
+    pub fn from_parts(p: &Parts) -> Result<PackedMatrix, FormatError> {
+        let d = Dims::new(p.rows, p.cols, p.block_size)?;
+        let (n, k, nb, b, kp) = (p.rows, p.cols, d.n_blocks, d.block_size, d.padded_cols);
+        for (name, len, want) in [("t1", p.t1.len(), n * k), ("t2", p.t2.len(), n * k), ("pred", p.pred.len(), n * k),
+                                  ("s1", p.s1.len(), n * nb), ("s2", p.s2.len(), n * nb), ("p2", p.p2.len(), d.n_groups * nb)] {
+            if len != want {
+                return invalid(format!("part `{name}` has {len} elements; expected {want}"));
+            }
+        }
+        for (name, t) in [("t1", &p.t1), ("t2", &p.t2)] {
+            if let Some(i) = t.iter().position(|v| !(-1..=1).contains(v)) {
+                return invalid(format!("part `{name}` has code {} at row {}, col {}; expected -1, 0 or +1", t[i], i / k, i % k));
+            }
+        }
+        for (name, s) in [("s1", &p.s1), ("s2", &p.s2)] {
+            if let Some(i) = s.iter().position(|v| !v.is_finite() || v.abs() > 65504.0) {
+                return invalid(format!("part `{name}` has scale {} at index {i}; expected finite and |s| <= 65504", s[i]));
+            }
+        }
+        let mut m = PackedMatrix {
+            rows: n, cols: k, block_size: b, codes: vec![ZERO_CODE_BYTE; d.n_groups * kp],
+            scales: p.s1.iter().map(|&v| f16::from_f32(v)).collect(),
+            p2_ptr: vec![0], p2_block: vec![], p2_scales: vec![], p2_codes: vec![],
+            out_ptr: vec![0], out_cols: vec![], out_vals: vec![],
+        };
+        for r in 0..n {
+            let (g, i) = (r / ROWS_PER_GROUP, r % ROWS_PER_GROUP);
+            for c in 0..k {
+                let pos = r * k + c;
+                let v = p.pred[pos];
+                if !v.is_nan() {
+                    if !v.is_finite() || v.abs() > 65504.0 {
+                        return invalid(format!("predator at row {r}, col {c} is {v}; expected finite and |v| <= 65504"));
+                    }
+                    if p.t1[pos] != 0 || p.t2[pos] != 0 {
+                        return invalid(format!("predator at row {r}, col {c} has a non-zero ternary code; expected 0"));
+                    }
+                    m.out_cols.push(c as u32);
+                    m.out_vals.push(f16::from_f32(v));
+                }
+                if p.t2[pos] != 0 && !p.p2[g * nb + c / b] {
+                    return invalid(format!("plane-2 code at row {r}, col {c} lies outside the plane-2 cells"));
+                }
+                // Adding (c - 1) * 3^i to the all-zero byte sets digit i to c.
+                let byte = &mut m.codes[g * kp + c];
+                *byte = (*byte as i16 + p.t1[pos] as i16 * POW3[i] as i16) as u8;
+            }
+            m.out_ptr.push(m.out_vals.len() as u32);
+        }
+        for g in 0..d.n_groups {
+            for blk in 0..nb {
+                if !p.p2[g * nb + blk] {
+                    continue;
+                }
+                m.p2_block.push(blk as u16);
+                let mut codes = vec![ZERO_CODE_BYTE; b];
+                for i in 0..ROWS_PER_GROUP {
+                    let r = g * ROWS_PER_GROUP + i;
+                    if r >= n {
+                        m.p2_scales.push(f16::ZERO);
+                        continue;
+                    }
+                    m.p2_scales.push(f16::from_f32(p.s2[r * nb + blk]));
+                    for kk in 0..b.min(k - blk * b) {
+                        let t = p.t2[r * k + blk * b + kk];
+                        codes[kk] = (codes[kk] as i16 + t as i16 * POW3[i] as i16) as u8;
+                    }
+                }
+                m.p2_codes.extend_from_slice(&codes);
+            }
+            m.p2_ptr.push(m.p2_block.len() as u32);
+        }
+        m.validate()?;
+        Ok(m)
+    }
+}
+
 /// Writes `bytes` to `path` through a temporary sibling file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FormatError> {
     use std::io::Write;
@@ -715,6 +857,22 @@ mod tests {
         assert_eq!(w, want);
         // 64 code bytes + 4*2 scales + 2*4 p2_ptr + (32 + 10 + 2) entry + 3*4 out_ptr + 4 predator
         assert_eq!(p.nbytes(), 64 + 8 + 8 + 44 + 12 + 4);
+    }
+
+    #[test]
+    fn parts_roundtrip() {
+        let p = tiny();
+        let parts = p.to_parts();
+        assert_eq!(PackedMatrix::from_parts(&parts).unwrap(), p);
+        let mut bad = parts.clone();
+        bad.t1[39] = 1; // under the predator at (0, 39)
+        assert!(PackedMatrix::from_parts(&bad).is_err());
+        let mut bad = parts.clone();
+        bad.t2[0] = 1; // block 0 has no plane 2
+        assert!(PackedMatrix::from_parts(&bad).is_err());
+        let mut bad = parts;
+        bad.t1[3] = 2;
+        assert!(PackedMatrix::from_parts(&bad).is_err());
     }
 
     #[test]

@@ -407,6 +407,30 @@ impl Fitter {
     }
 }
 
+/// Fits the same block of many rows with given options: `w` is [rows, len] (len <= 256),
+/// `h` its [len] importance, `planes[r]` 1 or 2 and `npred[r]` the predator count of row r.
+/// Used by error-feedback passes that choose the options first and the codes column by column.
+pub fn fit_block_rows(w: &[f32], len: usize, h: &[f32], planes: &[u8], npred: &[u8], cfg: &QuantConfig) -> Result<Vec<BlockFit>, QuantError> {
+    let rows = planes.len();
+    if len == 0 || len > 256 || w.len() != rows * len || h.len() != len || npred.len() != rows {
+        return Err(QuantError::Shape(format!(
+            "fit_block_rows: w has {} values, h {}, planes {}, npred {}; expected [rows, len] with 1 <= len <= 256, [len], [rows], [rows]",
+            w.len(), h.len(), planes.len(), npred.len())));
+    }
+    if let Some(r) = planes.iter().position(|p| *p != 1 && *p != 2) {
+        return Err(QuantError::Value(format!("planes[{r}] = {}; expected 1 or 2", planes[r])));
+    }
+    if let Some(i) = w.iter().position(|v| !v.is_finite() || v.abs() > F16_MAX) {
+        return Err(QuantError::Value(format!("w[{}, {}] = {}; expected finite values with |w| <= 65504", i / len, i % len, w[i])));
+    }
+    if let Some(i) = h.iter().position(|v| !v.is_finite() || *v < 0.0) {
+        return Err(QuantError::Value(format!("h[{i}] = {}; expected finite values >= 0", h[i])));
+    }
+    Ok((0..rows).into_par_iter().map_init(Fitter::new, |f, r| {
+        f.fit(&w[r * len..(r + 1) * len], h, npred[r] as usize, planes[r] as usize, cfg)
+    }).collect())
+}
+
 /// Checks the inputs; returns the effective importance (None = all ones).
 fn check_inputs(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>, cfg: &QuantConfig) -> Result<Dims, QuantError> {
     if rows == 0 || cols == 0 {

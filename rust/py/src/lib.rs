@@ -282,6 +282,73 @@ fn shader_source(name: &str) -> PyResult<&'static str> {
     })
 }
 
+/// Fits one block column of many rows with fixed options (for error-feedback calibration).
+/// `w`: float32 [N, L] (L <= 256), `h`: float32 [L] importance, `planes`, `npred`: uint8 [N].
+/// Returns (s1 [N], s2 [N], t1 int8 [N, L], t2 int8 [N, L], pred float32 [N, L] with NaN where
+/// no predator).
+#[pyfunction]
+#[pyo3(signature = (w, h, planes, npred, joint_iters=4))]
+#[allow(clippy::type_complexity)]
+fn fit_block<'py>(
+    py: Python<'py>, w: PyReadonlyArray2<'py, f32>, h: PyReadonlyArray1<'py, f32>,
+    planes: PyReadonlyArray1<'py, u8>, npred: PyReadonlyArray1<'py, u8>, joint_iters: usize,
+) -> PyResult<(Bound<'py, PyArray1<f32>>, Bound<'py, PyArray1<f32>>, Bound<'py, PyArray2<i8>>, Bound<'py, PyArray2<i8>>, Bound<'py, PyArray2<f32>>)> {
+    let (n, l) = (w.shape()[0], w.shape()[1]);
+    let (ws, hs) = (contiguous("w", &w)?, contiguous("h", &h)?);
+    let (ps, ns) = (contiguous("planes", &planes)?, contiguous("npred", &npred)?);
+    let mut cfg = QuantConfig::new(0.0, 32);
+    cfg.joint_iters = joint_iters;
+    let fits = py.detach(|| quant::fit_block_rows(ws, l, hs, ps, ns, &cfg)).map_err(errors::quant)?;
+    let (mut t1, mut t2, mut pred) = (Vec::with_capacity(n * l), Vec::with_capacity(n * l), vec![f32::NAN; n * l]);
+    for (r, f) in fits.iter().enumerate() {
+        t1.extend_from_slice(&f.t1);
+        t2.extend_from_slice(&f.t2);
+        for (k, v) in &f.preds {
+            pred[r * l + k] = v.to_f32();
+        }
+    }
+    let s1: Vec<f32> = fits.iter().map(|f| f.s1).collect();
+    let s2: Vec<f32> = fits.iter().map(|f| f.s2).collect();
+    Ok((s1.into_pyarray(py), s2.into_pyarray(py), t1.into_pyarray(py).reshape([n, l])?, t2.into_pyarray(py).reshape([n, l])?, pred.into_pyarray(py).reshape([n, l])?))
+}
+
+/// The dense spelling of a matrix: dict with t1, t2 (int8 [N, K]), s1, s2 (float32 [N, nb]),
+/// p2 (bool [G, nb]: cells with a second plane), pred (float32 [N, K], NaN = no predator).
+#[pyfunction]
+fn to_parts<'py>(py: Python<'py>, p: &PyPackedMatrix) -> PyResult<Bound<'py, PyDict>> {
+    let inner = p.inner.clone();
+    let parts = py.detach(move || inner.to_parts());
+    let d = p.inner.dims();
+    let (n, k, nb) = (d.rows, d.cols, d.n_blocks);
+    let out = PyDict::new(py);
+    out.set_item("t1", parts.t1.into_pyarray(py).reshape([n, k])?)?;
+    out.set_item("t2", parts.t2.into_pyarray(py).reshape([n, k])?)?;
+    out.set_item("s1", parts.s1.into_pyarray(py).reshape([n, nb])?)?;
+    out.set_item("s2", parts.s2.into_pyarray(py).reshape([n, nb])?)?;
+    out.set_item("p2", parts.p2.into_pyarray(py).reshape([d.n_groups, nb])?)?;
+    out.set_item("pred", parts.pred.into_pyarray(py).reshape([n, k])?)?;
+    Ok(out)
+}
+
+/// Packs a dense spelling (see `to_parts`) into a validated PackedMatrix.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn from_parts(
+    py: Python<'_>, block_size: usize, t1: PyReadonlyArray2<'_, i8>, s1: PyReadonlyArray2<'_, f32>,
+    p2: PyReadonlyArray2<'_, bool>, t2: PyReadonlyArray2<'_, i8>, s2: PyReadonlyArray2<'_, f32>,
+    pred: PyReadonlyArray2<'_, f32>,
+) -> PyResult<PyPackedMatrix> {
+    let (n, k) = (t1.shape()[0], t1.shape()[1]);
+    let parts = format::Parts {
+        rows: n, cols: k, block_size,
+        t1: contiguous("t1", &t1)?.to_vec(), s1: contiguous("s1", &s1)?.to_vec(),
+        p2: contiguous("p2", &p2)?.to_vec(), t2: contiguous("t2", &t2)?.to_vec(),
+        s2: contiguous("s2", &s2)?.to_vec(), pred: contiguous("pred", &pred)?.to_vec(),
+    };
+    let p = py.detach(move || PackedMatrix::from_parts(&parts)).map_err(errors::format)?;
+    Ok(PyPackedMatrix { inner: Arc::new(p) })
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
@@ -297,6 +364,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(shader_source, m)?)?;
+    m.add_function(wrap_pyfunction!(fit_block, m)?)?;
+    m.add_function(wrap_pyfunction!(to_parts, m)?)?;
+    m.add_function(wrap_pyfunction!(from_parts, m)?)?;
     m.add("FORMAT_VERSION", format::FORMAT_VERSION)?;
     m.add("ROWS_PER_GROUP", format::ROWS_PER_GROUP)?;
     m.add("BLOCK_SIZES", format::BLOCK_SIZES.to_vec())?;
