@@ -27,20 +27,24 @@ def default_model() -> Path:
 
 
 def pick_device(device: str) -> tuple[str, str]:
-    """("cpu" | "gpu", note) for --device auto|cpu|gpu."""
+    """("cpu" | "gpu", description) for --device auto|cpu|gpu. auto takes the GPU when wgpu
+    finds an adapter; gpu without one raises GpuUnavailableError."""
     if device == "cpu":
         return "cpu", "CPU (pp.matvec / pp.matmul)"
     try:
         from . import gpu
 
-        name = gpu.adapter_name() if hasattr(gpu, "adapter_name") else "wgpu adapter"
-        if not hasattr(gpu, "upload"):
-            raise RuntimeError("predprey_rs.gpu has no upload()")
+        info = gpu.adapter_info()
+        name = f"{info.get('device') or info.get('description')} via {info.get('backend')}"
+        if device == "auto" and str(info.get("adapter_type", "")).upper() == "CPU":
+            # lavapipe / llvmpipe / SwiftShader: a GPU emulated on these same CPU cores
+            return "cpu", f"CPU (pp.matvec / pp.matmul; the only adapter, {name}, is software: --device gpu uses it)"
         return "gpu", f"GPU ({name})"
-    except Exception as e:  # no wgpu, no adapter, or no GPU runtime in this build
+    except Exception as e:  # no wgpu, no adapter
         if device == "gpu":
             raise
-        return "cpu", f"CPU (pp.matvec / pp.matmul; no GPU: {str(e).splitlines()[0][:80] if str(e) else type(e).__name__})"
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return "cpu", f"CPU (pp.matvec / pp.matmul; no GPU: {why[:100]})"
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
