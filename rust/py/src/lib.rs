@@ -22,9 +22,12 @@ mod errors {
 
     pub fn format(e: format::FormatError) -> PyErr {
         match e {
-            format::FormatError::Io { path, source } => {
-                pyo3::exceptions::PyOSError::new_err(format!("{path}: {source}"))
-            }
+            // OSError(errno, strerror, filename): Python picks the subclass from errno
+            // (FileNotFoundError, PermissionError, IsADirectoryError, ...).
+            format::FormatError::Io { path, source } => match source.raw_os_error() {
+                Some(errno) => pyo3::exceptions::PyOSError::new_err((errno, source.to_string(), path)),
+                None => pyo3::exceptions::PyOSError::new_err(format!("{path}: {source}")),
+            },
             other => FormatError::new_err(other.to_string()),
         }
     }
