@@ -388,6 +388,8 @@ def compress_checkpoint(
                     r["estimated_bytes_after"] = (
                         int(info.numel * bits / 8) if pack else _passthrough_bytes(info)
                     )
+                    if pack:
+                        r["bits"] = float(bits)  # the budget: an upper bound
                     emit(r)
                 totals = _totals(records, None)
                 return {"tensors": records, "totals": totals, "out": None, "dry_run": True}
