@@ -377,6 +377,20 @@ def test_failure_leaves_no_out(tmp_path, mock_quant):
     assert not (out / "keep").exists() and (out / "model.safetensors").exists()
 
 
+def test_stale_temporary_dir_is_removed(tmp_path, mock_quant):
+    """A temporary directory left by a process killed with SIGKILL is removed by the next run."""
+    src = tmp_path / "m.safetensors"
+    _small_model(src, np.random.default_rng())
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".out.predprey-tmp-{int(p.stdout)}"
+    dead.mkdir()
+    (dead / ".shard-00001.body").write_bytes(b"x" * 100)
+    live = tmp_path / f".out.predprey-tmp-{os.getppid()}"  # a running process: left alone
+    live.mkdir()
+    pp.compress_checkpoint(src, tmp_path / "out")
+    assert not dead.exists() and live.exists()
+
+
 def test_killed_process_leaves_no_out(tmp_path):
     """SIGINT in the middle of a real compress (in another process): no OUT directory."""
     rng = np.random.default_rng()

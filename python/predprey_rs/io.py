@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import time
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -242,6 +243,7 @@ class _AtomicDir:
         if self.out.exists() and not self.overwrite:
             raise FileExistsError(f"{self.out} already exists; remove it or pass overwrite=True (--force)")
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(self.out)
         self.tmp = self.out.parent / f".{self.out.name}.predprey-tmp-{os.getpid()}"
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
@@ -259,6 +261,21 @@ class _AtomicDir:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
         else:
             os.replace(self.tmp, self.out)
+
+
+def _remove_stale(out: Path) -> None:
+    """Removes temporary directories for ``out`` left by processes that no longer run (killed
+    with SIGKILL, or a power cut: the only ways the clean-up cannot run)."""
+    for d in out.parent.glob(f".{glob_escape(out.name)}.predprey-tmp-*"):
+        pid = d.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass  # alive, owned by someone else
 
 
 def _relative_error(w: np.ndarray, p: PackedMatrix) -> tuple[float, str]:

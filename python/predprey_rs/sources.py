@@ -310,9 +310,20 @@ class SafetensorsSource(Source):
         if e.dtype not in FLOAT_DTYPES:
             raise FormatError(f"{name}: dtype {e.dtype} is not a float dtype")
         raw = self.read_raw(name)
-        out = _bf16_bits_to_f32(raw) if e.dtype == "BF16" else np.array(raw, dtype=np.float32, order="C")
+        out = np.empty(e.shape, dtype=np.float32)
+        if raw.ndim == 0 or raw.size == 0:
+            out[...] = _bf16_bits_to_f32(raw) if e.dtype == "BF16" else raw
+            return out
+        # convert ~64 MiB of source at a time and give those pages back at once, so the mapped
+        # tensor never sits in memory beside its float32 copy
+        m = self._map(e.file)
+        row_bytes = e.nbytes // raw.shape[0]
+        step = max(1, (64 << 20) // max(row_bytes, 1))
+        for a in range(0, raw.shape[0], step):
+            b = min(a + step, raw.shape[0])
+            out[a:b] = _bf16_bits_to_f32(raw[a:b]) if e.dtype == "BF16" else raw[a:b]
+            m.release(e.start + a * row_bytes, (b - a) * row_bytes)
         del raw
-        self.release(name)
         return out
 
     def write_passthrough(self, name: str, out: BinaryIO) -> tuple[str, tuple[int, ...], int]:
