@@ -141,6 +141,8 @@ class _ShardWriter:
 
     def add_array(self, name: str, a: np.ndarray, dtype: str | None = None) -> int:
         a = np.ascontiguousarray(a)
+        if a.dtype.byteorder == ">":  # safetensors is little-endian
+            a = a.astype(a.dtype.newbyteorder("<"))
         self._open(a.nbytes)
         self._body.write(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
         self._entry(name, dtype or safetensors_dtype_of(a), a.shape, a.nbytes)

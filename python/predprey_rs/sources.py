@@ -606,7 +606,7 @@ def importance_for(imatrix: dict[str, np.ndarray], name: str) -> np.ndarray | No
 
 def safetensors_dtype_of(a: np.ndarray) -> str:
     try:
-        return _NUMPY_TO_SAFETENSORS[a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype]
+        return _NUMPY_TO_SAFETENSORS[a.dtype]
     except KeyError:
         raise ShapeError(f"arrays of dtype {a.dtype} cannot be stored in safetensors") from None
 
