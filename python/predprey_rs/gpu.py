@@ -143,6 +143,35 @@ class _Ctx:
     pipelines: dict = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
     _layouts: dict = field(default_factory=dict)
+    serial_poll: bool = False
+
+    def __post_init__(self):
+        # wgpu-py polls every device from a background thread while a map is pending. On the
+        # OpenGL backend that thread's EGL make-current races the calling thread's and wgpu-hal
+        # panics (EGL BadAccess, an abort). There the background poll is made inert and the
+        # device is polled on the calling thread instead, so GL calls never overlap.
+        if self.info["backend"] == "OpenGL":
+            poller = getattr(self.device, "_poller", None)
+            if poller is not None and hasattr(self.device, "_poll") and hasattr(poller, "_poll_func"):
+                poller._poll_func = lambda block: time.sleep(0.0005) if block else None
+                self.serial_poll = True
+
+    def map_read(self, buf, size: int) -> memoryview:
+        """Map `size` bytes of a MAP_READ buffer, copy them out and unmap."""
+        mode = _wgpu().MapMode.READ
+        if self.serial_poll:
+            promise = buf.map_async(mode, 0, size)
+            for _ in range(100000):
+                if promise._thread_event.is_set():
+                    break
+                self.device._poll(True)
+            promise.sync_wait()
+        else:
+            buf.map_sync(mode, 0, size)
+        try:
+            return buf.read_mapped(0, size)
+        finally:
+            buf.unmap()
 
     @property
     def variant(self) -> str:
@@ -394,8 +423,8 @@ class GpuMatrix:
         n = self.shape[0]
         cap = max(rows, 8)
         x_bytes, y_bytes = cap * self._kp * 4, cap * n * 4
-        if max(x_bytes, y_bytes) > self._max_binding:
-            raise ShapeError(f"a batch of {cap} rows does not fit one GPU binding ({self._max_binding} bytes)")
+        if max(x_bytes, y_bytes) > self._ctx.max_binding:
+            raise ShapeError(f"a batch of {cap} rows does not fit one GPU binding ({self._ctx.max_binding} bytes)")
         dev = self._ctx.device
         self._x = dev.create_buffer(size=x_bytes, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST)
         self._y = dev.create_buffer(size=y_bytes, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC)
@@ -455,7 +484,7 @@ class GpuMatrix:
         n, k = self.shape
         b = xs.shape[0]
         out = np.empty((b, n), dtype=np.float32)
-        step = min(_MAX_BATCH_ROWS, max(_MAX_NB, (self._max_binding // (4 * max(self._kp, n))) // _MAX_NB * _MAX_NB))
+        step = min(_MAX_BATCH_ROWS, max(_MAX_NB, (self._ctx.max_binding // (4 * max(self._kp, n))) // _MAX_NB * _MAX_NB))
         with self._ctx.lock:
             for s0 in range(0, b, step):
                 part = xs[s0:s0 + step]
@@ -470,11 +499,8 @@ class GpuMatrix:
                 size = rows * n * 4
                 enc.copy_buffer_to_buffer(self._y, 0, self._staging, 0, size)
                 dev.queue.submit([enc.finish()])
-                self._staging.map_sync(_wgpu().MapMode.READ, 0, size)
-                try:
-                    out[s0:s0 + rows] = np.frombuffer(self._staging.read_mapped(0, size), dtype=np.float32).reshape(rows, n)
-                finally:
-                    self._staging.unmap()
+                data = self._ctx.map_read(self._staging, size)
+                out[s0:s0 + rows] = np.frombuffer(data, dtype=np.float32).reshape(rows, n)
         return out
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
@@ -513,9 +539,3 @@ def upload(p: PackedMatrix, *, _ctx: _Ctx | None = None, _max_binding: int | Non
     with ctx.lock:
         return GpuMatrix(ctx, p, _max_binding, _max_wg_per_dim)
 
-
-def _wall_ms(fn, reps: int = 1) -> float:
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t) * 1e3 / reps
