@@ -7,10 +7,38 @@ functions take: C-contiguous float32.
 """
 
 import os
-from typing import Final, final
+from typing import Final, TypedDict, final
 
 import numpy as np
 import numpy.typing as npt
+
+__all__ = [
+    "FormatError",
+    "ShapeError",
+    "WeightError",
+    "DtypeError",
+    "PackedMatrix",
+    "compress",
+    "decompress",
+    "matvec",
+    "matmul",
+    "load",
+    "from_bytes",
+    "from_arrays",
+    "set_num_threads",
+    "get_num_threads",
+    "cpu_kernel",
+    "shader_source",
+    "fit_block",
+    "to_parts",
+    "from_parts",
+    "FORMAT_VERSION",
+    "ROWS_PER_GROUP",
+    "BLOCK_SIZES",
+    "TENSOR_NAMES",
+    "MAX_K_U16_COLS",
+    "__version__",
+]
 
 __version__: Final[str]
 """Version of the Rust crate the extension was built from."""
@@ -132,3 +160,55 @@ def cpu_kernel() -> str:
 
 def shader_source(name: str) -> str:
     """The WGSL source of ``shaders/<name>`` (embedded at build time); KeyError if unknown."""
+
+def fit_block(
+    w: npt.NDArray[np.float32],
+    h: npt.NDArray[np.float32],
+    planes: npt.NDArray[np.uint8],
+    npred: npt.NDArray[np.uint8],
+    joint_iters: int = 4,
+) -> tuple[
+    npt.NDArray[np.float32],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.int8],
+    npt.NDArray[np.int8],
+    npt.NDArray[np.float32],
+]:
+    """Fits one block column of many rows with fixed options (error-feedback calibration).
+
+    ``w``: float32 [N, L] with 1 <= L <= 256; ``h``: float32 [L] importance (>= 0);
+    ``planes``: uint8 [N], 1 or 2 per row; ``npred``: uint8 [N], predators per row.
+    Returns (s1 [N], s2 [N], t1 int8 [N, L], t2 int8 [N, L], pred float32 [N, L] with NaN
+    where there is no predator). Scales are FP16-rounded float32; codes are -1/0/+1.
+    """
+
+class _Parts(TypedDict):
+    """The dense spelling of a matrix, as ``to_parts`` returns it."""
+
+    t1: npt.NDArray[np.int8]
+    """Plane-1 codes -1/0/+1, [N, K]."""
+    t2: npt.NDArray[np.int8]
+    """Plane-2 codes, [N, K] (0 outside plane-2 cells)."""
+    s1: npt.NDArray[np.float32]
+    """Plane-1 scales, [N, nb] (FP16 values)."""
+    s2: npt.NDArray[np.float32]
+    """Plane-2 scales, [N, nb] (0 outside plane-2 cells)."""
+    p2: npt.NDArray[np.bool_]
+    """Which (row group of 5, block) cells carry plane 2, [G, nb]."""
+    pred: npt.NDArray[np.float32]
+    """Predator values, [N, K]; NaN where there is no predator."""
+
+def to_parts(p: PackedMatrix) -> _Parts:
+    """The dense spelling of a matrix (inverse of ``from_parts``); see ``_Parts``."""
+
+def from_parts(
+    block_size: int,
+    t1: npt.NDArray[np.int8],
+    s1: npt.NDArray[np.float32],
+    p2: npt.NDArray[np.bool_],
+    t2: npt.NDArray[np.int8],
+    s2: npt.NDArray[np.float32],
+    pred: npt.NDArray[np.float32],
+) -> PackedMatrix:
+    """Packs a dense spelling (C-contiguous arrays, shapes as in ``_Parts``) into a validated
+    PackedMatrix. Raises FormatError for anything FORMAT.md forbids."""
