@@ -30,7 +30,10 @@
 // t_i = R_i - 3 R_{i+1} (R_5 = 0), so for a run of columns sum_k t_i x_k = S_i - 3 S_{i+1} with
 // S_i = sum_k R_i x_k: five FMAs per byte, shared by the five rows. R_i comes from one FMA with
 // the round-to-integer constant 1.5 * 2^23 and one subtraction; the constant is read from two
-// separate uniform fields so that no compiler can fold the pair away.
+// separate uniform fields so that no compiler can fold the pair away. The terms of S_0 and S_1
+// are up to 121 and 40 times the ternary ones, so the difference loses bits; rows 0 and 1
+// (DIRECT = 2) therefore accumulate t_0 = R_0 - 3 R_1 and t_1 = R_1 - 3 R_2 directly, which
+// leaves an amplification of at most ~8 (row 2) for two more FMAs per byte.
 
 struct Params {
     rows: u32,          // N: rows of this chunk
@@ -66,6 +69,7 @@ struct Params {
 override WG: u32 = 64u;   // threads per workgroup, a power of two
 override NB: u32 = 1u;    // batch rows per slice, 1..8
 override GPW: u32 = 1u;   // row groups per workgroup, GPW * NB <= 8
+override DIRECT: u32 = 2u;   // rows 0 .. DIRECT-1 (at most 2) accumulate t_i directly (see above)
 
 const ROWS: u32 = 5u;
 const ACC_N: u32 = 40u;   // >= ROWS * GPW * NB
@@ -101,10 +105,13 @@ fn dot_word(w: u32, xq: ptr<function, array<vec4<f32>, 8>>, s: ptr<function, arr
         let r2 = fma(r0, INV9, mag_a) - mag_b;
         let r3 = fma(r0, INV27, mag_a) - mag_b;
         let r4 = fma(r0, INV81, mag_a) - mag_b;
+        // rows below DIRECT sum t_i itself: one more FMA per byte and row, float32 accuracy
+        let a0 = select(r0, fma(-3.0, r1, r0), DIRECT >= 1u);
+        let a1 = select(r1, fma(-3.0, r2, r1), DIRECT >= 2u);
         for (var b = 0u; b < NB; b++) {
             let xv = (*xq)[b][m];
-            (*s)[base + b] = fma(r0, xv, (*s)[base + b]);
-            (*s)[base + NB + b] = fma(r1, xv, (*s)[base + NB + b]);
+            (*s)[base + b] = fma(a0, xv, (*s)[base + b]);
+            (*s)[base + NB + b] = fma(a1, xv, (*s)[base + NB + b]);
             (*s)[base + 2u * NB + b] = fma(r2, xv, (*s)[base + 2u * NB + b]);
             (*s)[base + 3u * NB + b] = fma(r3, xv, (*s)[base + 3u * NB + b]);
             (*s)[base + 4u * NB + b] = fma(r4, xv, (*s)[base + 4u * NB + b]);
@@ -117,7 +124,7 @@ fn combine(s: ptr<function, array<f32, ACC_N>>, sbase: u32, j: u32, sc: array<f3
     for (var i = 0u; i < ROWS; i++) {
         for (var b = 0u; b < NB; b++) {
             var t = (*s)[sbase + i * NB + b];
-            if (i < ROWS - 1u) {
+            if (i >= DIRECT && i < ROWS - 1u) {
                 t = fma(-3.0, (*s)[sbase + (i + 1u) * NB + b], t);
             }
             let a = (j * ROWS + i) * NB + b;

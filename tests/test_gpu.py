@@ -303,3 +303,25 @@ def test_real_minilm_weights(gpu, rng, name):
     w = load_file(str(path))[name]
     p = pp.compress(w, bits=3.0, block_size=64)
     check(gpu, p, rng, [0, 8], name)
+
+
+# ---- the baselines the benchmark compares against, and the gpu-check command
+
+
+def test_dense_f16_baseline_is_right(gpu, rng):
+    from predprey_rs import _gpubench
+
+    r, seed = rng
+    w16 = (r.standard_normal((37, 264)) * 0.1).astype(np.float16)
+    d = _gpubench.DenseF16(gpu._context(), w16)
+    for b in (1, 3, 8, 11):
+        x = r.standard_normal((b, 264)).astype(np.float32)
+        ref = x.astype(np.float64) @ w16.astype(np.float64).T
+        assert rel_err(d.matmul(x), ref) <= TOL, f"batch {b} (seed {seed})"
+
+
+def test_gpu_check_without_a_matching_adapter_fails(gpu, capsys):
+    from predprey_rs import cli
+
+    assert cli.main(["gpu-check", "--adapter", "no-such-adapter-anywhere"]) == 1
+    assert "no adapter matching" in capsys.readouterr().err

@@ -1,55 +1,146 @@
-"""The ``predprey`` command (``[project.scripts]``): one sub-command per job.
-
-Each sub-command is one entry of ``COMMANDS``: name -> (one-line help, a function that adds its
-arguments to an ``argparse`` parser, a function that runs it and returns the exit code). To add
-one, write those two functions (here or in a module of their own) and add the entry.
-"""
+"""The ``predprey`` command: one sub-command per job, each registered in ``_commands()`` as
+name -> (help, add_args(parser), run(args) -> exit status)."""
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import sys
+import time
 from typing import Callable
-
-from . import _cli_checkpoint
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
-COMMANDS: dict[str, Command] = {
-    "compress": _cli_checkpoint.COMMANDS["compress"],
-    "inspect": _cli_checkpoint.COMMANDS["inspect"],
-    "demo": _cli_checkpoint.COMMANDS["demo"],
-    "eval": _cli_checkpoint.COMMANDS["eval"],
-    "bench": _cli_checkpoint.COMMANDS["bench"],
-}
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+# ---------------------------------------------------------------------------------- gpu-check
 
-    ap = argparse.ArgumentParser(
-        prog="predprey",
-        description="Predator-Prey weight compression: ~3-bit ternary planes + FP16 predators.",
+
+def add_gpu_check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
+    p.add_argument("--adapter", metavar="WORDS", help="only adapters whose description holds all these words (e.g. 'vulkan')")
+    p.add_argument("--quick", action="store_true", help="skip the largest conformance shapes and shorten the bandwidth test")
+    p.add_argument("--seed", type=int, help="seed of the random matrices and inputs (default: fresh)")
+
+
+def _gpu_check_one(gpu, bench, adapter, info: dict, subgroups: bool, rng, quick: bool) -> dict:
+    row = {k: info[k] for k in ("device", "backend", "vendor", "adapter_type")}
+    row["variant"] = "subgroup" if subgroups else "workgroup"
+    ctx = None
+    t0 = time.perf_counter()
+    try:
+        ctx = gpu._open(adapter, info, subgroups=subgroups)
+        row["variant"] = ctx.variant
+        _err(f"[{info['backend']}: {info['device']}, {ctx.variant}] conformance ...")
+        conf = bench.conformance(ctx, rng, quick=quick, log=_err)
+        row.update(max_rel_err=conf["max_rel_err"], cases=conf["cases"], failures=conf["failures"])
+        cpu = info["adapter_type"] == "CPU"
+        _err(f"[{info['backend']}: {info['device']}, {ctx.variant}] bandwidth ...")
+        copy = bench.copy_bandwidth(ctx, (64 if cpu or quick else 512) << 20, trials=3)
+        shape = (4096, 4096) if cpu or quick else (8192, 8192)
+        kern = bench.kernel_bandwidth(ctx, rng, shape=shape, copies=2 if cpu or quick else 8, trials=3)
+        row.update(gbps=kern["gbps"], copy_gbps=copy["gbps"], pct_of_copy=100 * kern["gbps"] / copy["gbps"],
+                   timer=kern["timer"], bench_shape=list(shape))
+        row["passed"] = not conf["failures"]
+    except Exception as e:  # any failure of this adapter is a row, not a crash of the check
+        row.update(passed=False, error=f"{type(e).__name__}: {e}")
+    finally:
+        if ctx is not None:
+            try:
+                ctx.device.destroy()
+            except Exception:
+                pass
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def _table(rows: list[dict]) -> str:
+    head = ("adapter", "backend", "type", "kernel", "max rel err", "result", "GB/s", "copy GB/s", "% copy")
+    body = []
+    for r in rows:
+        ok = "pass" if r.get("passed") else "FAIL"
+        body.append((
+            r["device"][:40], r["backend"], r["adapter_type"], r["variant"],
+            f"{r['max_rel_err']:.2e}" if "max_rel_err" in r else "-", ok,
+            f"{r['gbps']:.1f}" if "gbps" in r else "-", f"{r['copy_gbps']:.1f}" if "copy_gbps" in r else "-",
+            f"{r['pct_of_copy']:.0f}%" if "pct_of_copy" in r else "-",
+        ))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths))]
+    lines += ["  ".join(str(x).ljust(w) for x, w in zip(b, widths)) for b in body]
+    for r in rows:
+        for f in r.get("failures", [])[:5]:
+            lines.append(f"  FAIL {r['device']} ({r['backend']}, {r['variant']}): {f}")
+        if "error" in r:
+            lines.append(f"  FAIL {r['device']} ({r['backend']}, {r['variant']}): {r['error']}")
+    return "\n".join(lines)
+
+
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    """Every adapter wgpu sees on every backend: conformance vs the CPU oracle and bandwidth.
+    Adapters with subgroups are checked with both kernels. Exit 1 if any adapter fails."""
+    import numpy as np
+
+    from . import GpuUnavailableError, _gpubench, gpu
+
+    try:
+        adapters = gpu._enumerate()
+    except GpuUnavailableError as e:
+        _err(f"predprey gpu-check: {e}")
+        return 1
+    seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % (1 << 31))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for a in adapters:
+        info = gpu._describe(a)
+        if args.adapter and not all(w in gpu._haystack(info) for w in args.adapter.lower().split()):
+            continue
+        for sg in ([True, False] if info["subgroups"] else [False]):
+            rows.append(_gpu_check_one(gpu, _gpubench, a, info, sg, rng, args.quick))
+    ok = bool(rows) and all(r.get("passed") for r in rows)
+    if args.json:
+        print(json.dumps({"ok": ok, "seed": seed, "adapters": rows}, indent=1))
+    elif rows:
+        print(_table(rows))
+        print(f"seed {seed}: {'all adapters pass' if ok else 'FAILED'}")
+    if not rows:
+        _err("predprey gpu-check: wgpu found no adapter" + (f" matching {args.adapter!r}" if args.adapter else "")
+             + " on any backend (tried Vulkan, Metal, D3D12, OpenGL)")
+    return 0 if ok else 1
+
+
+# ---------------------------------------------------------------------------------- registry
+
+
+def _commands() -> dict[str, Command]:
+    table: dict[str, Command] = {}
+    try:
+        from ._cli_checkpoint import COMMANDS as checkpoint_commands
+
+        table.update(checkpoint_commands)
+    except ImportError:  # pragma: no cover - a partial install without the checkpoint tools
+        pass
+    table["gpu-check"] = (
+        "run the GPU kernels on every adapter wgpu sees (Vulkan, Metal, D3D12, GL) against the "
+        "CPU oracle, measure bandwidth, print a portability table",
+        add_gpu_check_args,
+        cmd_gpu_check,
     )
-    ap.add_argument("--version", action="version", version=f"predprey-rs {__version__}")
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help_, add_args, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
-        add_args(p)
-        p.set_defaults(_run=run)
-    return ap
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs ``predprey ARGV``; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args._run(args) or 0)
-    except BrokenPipeError:  # `predprey inspect X | head`: not an error
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
+    parser = argparse.ArgumentParser(prog="predprey", description="Predator-Prey weight compression tools")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_, add_args, run) in _commands().items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        add_args(sp)
+        sp.set_defaults(_run=run)
+    args = parser.parse_args(argv)
+    return int(args._run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -41,21 +41,18 @@ _TYPE_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
 
 
 def shader_source(name: str) -> str:
-    """The WGSL source of ``shaders/<name>`` as shipped: embedded in the extension, else read
-    from the source tree (an in-place development build)."""
-    get = getattr(_core, "shader_source", None)
-    if get is not None:
-        try:
-            return get(name)
-        except (KeyError, ValueError):
-            pass
+    """The WGSL source of ``shaders/<name>``: from the source tree when running from a checkout
+    (python/predprey_rs -> ../../shaders, so edits need no rebuild), else the copy embedded in
+    the extension at build time (every wheel)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    for d in (os.path.join(here, "shaders"), os.path.join(here, "..", "..", "shaders")):
-        path = os.path.join(d, name)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                return f.read()
-    raise FileNotFoundError(f"WGSL shader {name!r} is neither embedded in _core nor in the source tree")
+    path = os.path.join(here, "..", "..", "shaders", name)
+    if os.path.isfile(path) and os.path.isfile(os.path.join(here, "..", "..", "Cargo.toml")):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    get = getattr(_core, "shader_source", None)
+    if get is None:
+        raise FileNotFoundError(f"WGSL shader {name!r}: this build of _core embeds no shaders and no source tree is here")
+    return get(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,8 +436,8 @@ class GpuMatrix:
                 entries=[{"binding": i, "resource": {"buffer": r, "offset": 0, "size": r.size}} for i, r in enumerate(res)],
             )
 
-    def _launch_config(self, batch: int) -> tuple[int, int, int, int]:
-        """(NB, slices, GPW, WG) for a batch of `batch` rows."""
+    def _launch_config(self, batch: int) -> tuple[int, int, int, int, int]:
+        """(NB, slices, GPW, WG, DIRECT) for a batch of `batch` rows."""
         nb = min(batch, _MAX_NB)
         slices = -(-batch // nb)
         kp16 = self._kp // 16
@@ -449,20 +446,22 @@ class GpuMatrix:
         t = _tune()
         wg = int(t.get("wg", wg))
         gpw = int(t.get("gpw", gpw))
-        if wg not in (32, 64, 128, 256) or gpw < 1 or 5 * gpw * nb > 40:
-            raise ValueError(f"PREDPREY_GPU_TUNE gives wg={wg}, gpw={gpw}; need wg in 32..256 (power of 2) and gpw*NB <= 8")
-        return nb, slices, gpw, wg
+        direct = int(t.get("direct", 2))
+        if wg not in (32, 64, 128, 256) or gpw < 1 or 5 * gpw * nb > 40 or direct not in (0, 1, 2):
+            raise ValueError(f"PREDPREY_GPU_TUNE gives wg={wg}, gpw={gpw}, direct={direct}; need wg in "
+                             "32..256 (a power of 2), gpw*NB <= 8, direct in 0..2")
+        return nb, slices, gpw, wg, direct
 
-    def _pipeline(self, nb: int, gpw: int, wg: int):
-        const = {"WG": wg, "NB": nb, "GPW": gpw}
+    def _pipeline(self, nb: int, gpw: int, wg: int, direct: int):
+        const = {"WG": wg, "NB": nb, "GPW": gpw, "DIRECT": direct}
         if self._ctx.subgroups:
             const["SG_SLOTS"] = max(1, wg // 4)
         return self._ctx.pipeline("predprey_gemv.wgsl", _GEMV_KINDS, const)
 
     def _prepare(self, batch: int):
-        nb, slices, gpw, wg = self._launch_config(batch)
+        nb, slices, gpw, wg, direct = self._launch_config(batch)
         self._ensure_capacity(slices * nb)
-        return self._pipeline(nb, gpw, wg), nb, slices, gpw
+        return self._pipeline(nb, gpw, wg, direct), nb, slices, gpw
 
     def _dispatch(self, cpass, batch: int, prepared=None) -> None:
         """Record the dispatches of one product of `batch` rows into an open compute pass."""

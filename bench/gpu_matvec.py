@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""GPU GEMV from the packed bytes vs the baselines, measured side by side in one run.
+
+For each shape and batch: our kernel (shaders/predprey_gemv.wgsl) timed by timestamp queries
+(wall clock where the adapter has none), many dispatches per submit, rotating over distinct
+matrices totalling > 3x the GPU's L2 ("cold") and on one matrix ("hot"); our dense FP16 WGSL
+GEMV on the same device (cold); a WGSL copy kernel for the achievable bandwidth; and, where
+torch with CUDA is installed, torch fp16 ``W @ x``. Printed: median time (spread over trials),
+effective GB/s = packed bytes / time, % of the measured copy bandwidth, speed-up over the dense
+kernel (and torch).
+
+    python bench/gpu_matvec.py                      # 4096x14336, 14336x4096, 8192x28672; batch 1, 4, 8
+    python bench/gpu_matvec.py --quick              # fewer trials (software adapters)
+    python bench/gpu_matvec.py --sweep              # also try launch shapes on 4096x14336, batch 1
+    PREDPREY_GPU_ADAPTER=vulkan python bench/gpu_matvec.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+import predprey_rs as pp
+from predprey_rs import _gpubench as gb
+from predprey_rs import _synth, gpu
+
+L2_MB = {"H200": 60, "H100": 50, "GH200": 60, "A100": 40, "A10": 6, "L40": 96, "L4": 48, "4090": 72,
+         "4080": 64, "3090": 6, "MI300": 256, "MI250": 16, "MI210": 16}
+
+
+def guess_l2_mb(info: dict) -> int:
+    name = info["device"]
+    for key, mb in L2_MB.items():
+        if key in name:
+            return mb
+    if info["adapter_type"] == "CPU":
+        try:
+            with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+                s = f.read().strip().upper()
+            return max(1, int(s.rstrip("KMB")) // (1024 if s.endswith("K") else 1))
+        except (OSError, ValueError):
+            return 32
+    return 64
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def time_ours(ctx, mats, batch, trials):
+    preps = [m._prepare(batch) for m in mats]
+    for m in mats:
+        m._write_x(np.ones((batch, m.shape[1]), np.float32))
+
+    def record(cpass):
+        for m, pr in zip(mats, preps):
+            m._dispatch(cpass, batch, pr)
+
+    reps = gb.pick_reps(ctx, record)
+    times, src = gb.time_dispatches(ctx, record, reps, trials)
+    return gb.summarize([t / len(mats) for t in times]), src
+
+
+def time_dense(ctx, dens, batch, trials):
+    preps = []
+    for d in dens:
+        preps.append(d.prepare(batch))
+        d.write_x(np.ones((batch, d.shape[1]), np.float32))
+
+    def record(cpass):
+        for d, pr in zip(dens, preps):
+            d.dispatch(cpass, batch, pr)
+
+    reps = gb.pick_reps(ctx, record)
+    times, _ = gb.time_dispatches(ctx, record, reps, trials)
+    return gb.summarize([t / len(dens) for t in times])
+
+
+def time_torch(shape, batch, copies, trials):
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    n, k = shape
+    ws = [torch.randn(n, k, dtype=torch.float16, device="cuda") for _ in range(copies)]
+    x = torch.randn(k, batch, dtype=torch.float16, device="cuda")
+    for w in ws:
+        (w @ x)
+    torch.cuda.synchronize()
+    one = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    one[0].record()
+    for w in ws:
+        w @ x
+    one[1].record()
+    torch.cuda.synchronize()
+    reps = max(1, min(200, int(20.0 / max(one[0].elapsed_time(one[1]), 1e-3))))
+    out = []
+    for _ in range(trials):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            for w in ws:
+                w @ x
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b) * 1e-3 / (reps * len(ws)))
+    del ws
+    torch.cuda.empty_cache()
+    return gb.summarize(out)
+
+
+def copies_for(nbytes: int, l2_bytes: int, cap: int) -> int:
+    return max(1, min(cap, math.ceil(3 * l2_bytes / max(nbytes, 1))))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="4096x14336,14336x4096,8192x28672", help="NxK list (N outputs, K inputs)")
+    ap.add_argument("--batches", default="1,4,8")
+    ap.add_argument("--block-size", type=int, default=64, choices=(32, 64, 128, 256))
+    ap.add_argument("--plane2", type=float, default=0.45, help="fraction of (group, block) cells with a plane-2 entry")
+    ap.add_argument("--predators", type=float, default=0.005, help="fraction of weights kept as FP16 predators")
+    ap.add_argument("--l2-mb", type=int, help="L2 size used for the rotation (default: known GPUs, else 64; CPU: LLC)")
+    ap.add_argument("--trials", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="3 trials, fewer copies (software adapters)")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense FP16 baseline")
+    ap.add_argument("--no-torch", action="store_true", help="skip torch even where it is installed")
+    ap.add_argument("--sweep", action="store_true", help="also time launch shapes (wg, gpw, direct) on 4096x14336 batch 1")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    trials = 3 if args.quick else args.trials
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
+    batches = [int(b) for b in args.batches.split(",") if b]
+    rng = np.random.default_rng(args.seed)
+
+    t_start = time.perf_counter()
+    ctx = gpu._context()
+    info = gpu.adapter_info()
+    l2 = (args.l2_mb or guess_l2_mb(info)) << 20
+    cap = 3 if args.quick else 16
+    log(f"adapter: {info['device']} via {info['backend']} ({info['adapter_type']}), kernel {info['kernel_variant']}, "
+        f"timestamps {'yes' if ctx.timestamps else 'no (wall clock)'}, L2 taken as {l2 >> 20} MiB")
+    copy = gb.copy_bandwidth(ctx, min(max(3 * l2, 256 << 20), ctx.max_binding), trials=trials)
+    log(f"copy kernel: {copy['gbps']:.1f} GB/s (counting bytes read + written: {copy['bytes'] >> 20} MiB per copy)")
+
+    rows = []
+    for shape in shapes:
+        n, k = shape
+        t0 = time.perf_counter()
+        first = _synth.random_packed(rng, n, k, block_size=args.block_size, plane2=args.plane2, predators=args.predators)
+        count = copies_for(first.nbytes, l2, cap)
+        mats = [gpu.upload(first)]
+        del first
+        for _ in range(count - 1):
+            mats.append(gpu.upload(_synth.random_packed(rng, n, k, block_size=args.block_size, plane2=args.plane2,
+                                                        predators=args.predators)))
+        bpw = 8 * mats[0].nbytes / (n * k)
+        dens = []
+        if not args.no_dense:
+            dcount = copies_for(n * k * 2, l2, cap)
+            for _ in range(dcount):
+                w16 = (rng.integers(0, 1 << 16, size=(n, k), dtype=np.uint16) & np.uint16(0xB3FF)).view(np.float16)
+                dens.append(gb.DenseF16(ctx, w16))
+                del w16
+        log(f"{n}x{k}: {len(mats)} packed matrices of {mats[0].nbytes / 2**20:.1f} MiB ({bpw:.2f} bits/weight), "
+            f"{len(dens)} dense of {n * k * 2 / 2**20:.0f} MiB, made in {time.perf_counter() - t0:.1f} s")
+        for b in batches:
+            cold, src = time_ours(ctx, mats, b, trials)
+            hot, _ = time_ours(ctx, mats[:1], b, trials)
+            row = {"shape": f"{n}x{k}", "batch": b, "bits_per_weight": bpw, "packed_bytes": mats[0].nbytes,
+                   "matrices": len(mats), "timer": src,
+                   "ours_us": cold["median_s"] * 1e6, "ours_spread_pct": cold["spread_pct"],
+                   "ours_gbps": mats[0].nbytes / cold["median_s"] / 1e9,
+                   "ours_hot_gbps": mats[0].nbytes / hot["median_s"] / 1e9}
+            row["pct_of_copy"] = 100 * row["ours_gbps"] / copy["gbps"]
+            if dens:
+                d = time_dense(ctx, dens, b, trials)
+                row.update(dense_us=d["median_s"] * 1e6, dense_gbps=n * k * 2 / d["median_s"] / 1e9,
+                           speedup_vs_dense=d["median_s"] / cold["median_s"])
+            if not args.no_torch:
+                t = time_torch(shape, b, copies_for(n * k * 2, l2, cap), trials)
+                if t is not None:
+                    row.update(torch_us=t["median_s"] * 1e6, speedup_vs_torch=t["median_s"] / cold["median_s"])
+            rows.append(row)
+            log(f"  batch {b}: ours {row['ours_us']:.1f} us ({row['ours_gbps']:.1f} GB/s, {row['pct_of_copy']:.0f}% of copy)"
+                + (f", dense {row['dense_us']:.1f} us (x{row['speedup_vs_dense']:.2f})" if "dense_us" in row else "")
+                + (f", torch {row['torch_us']:.1f} us" if "torch_us" in row else ""))
+        del mats, dens
+
+    sweep = []
+    if args.sweep:
+        n, k = 4096, 14336
+        mats = [gpu.upload(_synth.random_packed(rng, n, k, block_size=args.block_size, plane2=args.plane2,
+                                                predators=args.predators))
+                for _ in range(copies_for(20 << 20, l2, cap))]
+        old = os.environ.get("PREDPREY_GPU_TUNE")
+        for wg in (64, 128, 256):
+            for gpw in (1, 2):
+                for direct in (0, 2):
+                    os.environ["PREDPREY_GPU_TUNE"] = f"wg={wg},gpw={gpw},direct={direct}"
+                    s, _ = time_ours(ctx, mats, 1, trials)
+                    sweep.append({"wg": wg, "gpw": gpw, "direct": direct, "us": s["median_s"] * 1e6,
+                                  "gbps": mats[0].nbytes / s["median_s"] / 1e9})
+        if old is None:
+            os.environ.pop("PREDPREY_GPU_TUNE", None)
+        else:
+            os.environ["PREDPREY_GPU_TUNE"] = old
+        del mats
+
+    result = {"adapter": info, "copy_gbps": copy["gbps"], "l2_mb": l2 >> 20, "rows": rows, "sweep": sweep,
+              "seconds": time.perf_counter() - t_start}
+    if args.json:
+        print(json.dumps(result, indent=1, default=float))
+        return 0
+    print(f"\n{info['device']} via {info['backend']}, kernel {info['kernel_variant']}, timer {rows[0]['timer'] if rows else '-'}; "
+          f"copy bandwidth {copy['gbps']:.1f} GB/s (read + write); cold = rotating over > 3x L2 ({l2 >> 20} MiB)")
+    head = ["shape", "B", "bits/w", "ours us", "spread", "GB/s", "% copy", "hot GB/s", "dense f16 us", "x dense"]
+    has_torch = any("torch_us" in r for r in rows)
+    if has_torch:
+        head += ["torch us", "x torch"]
+    body = []
+    for r in rows:
+        line = [r["shape"], str(r["batch"]), f"{r['bits_per_weight']:.2f}", f"{r['ours_us']:.1f}",
+                f"{r['ours_spread_pct']:.0f}%", f"{r['ours_gbps']:.3g}", f"{r['pct_of_copy']:.0f}%",
+                f"{r['ours_hot_gbps']:.3g}",
+                f"{r['dense_us']:.1f}" if "dense_us" in r else "-",
+                f"{r['speedup_vs_dense']:.2f}" if "dense_us" in r else "-"]
+        if has_torch:
+            line += [f"{r['torch_us']:.1f}" if "torch_us" in r else "-",
+                     f"{r['speedup_vs_torch']:.2f}" if "torch_us" in r else "-"]
+        body.append(line)
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    for line in [head] + body:
+        print("  ".join(x.rjust(w) for x, w in zip(line, widths)))
+    if sweep:
+        print("\nlaunch sweep, 4096x14336 batch 1 (cold):")
+        for s in sorted(sweep, key=lambda s: s["us"]):
+            print(f"  wg={s['wg']:<4} gpw={s['gpw']} direct={s['direct']}  {s['us']:8.1f} us  {s['gbps']:7.1f} GB/s  "
+                  f"{100 * s['gbps'] / copy['gbps']:.0f}% of copy")
+    print(f"({result['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
