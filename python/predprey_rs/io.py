@@ -39,6 +39,7 @@ from .sources import (
     read_imatrix,
     read_safetensors_header,
     safetensors_dtype_of,
+    safetensors_files,
 )
 
 __all__ = [
@@ -574,35 +575,6 @@ def save_checkpoint(
 # Reading
 
 
-def _checkpoint_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
-    if path.is_file():
-        return [path], None
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-    index = path / INDEX_NAME
-    if index.is_file():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-            if not isinstance(wm, dict):
-                raise TypeError("weight_map is not an object")
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise FormatError(f"{index}: not a valid index (needs a \"weight_map\" object): {e}") from e
-        files = []
-        for fn in dict.fromkeys(wm.values()):
-            p = path / fn
-            if not p.is_file():
-                raise FileNotFoundError(f"{index} names shard {fn!r}, which is missing from {path}")
-            files.append(p)
-        return files, wm
-    single = path / SINGLE_NAME
-    if single.is_file():
-        return [single], None
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no {SINGLE_NAME}, {INDEX_NAME} or *.safetensors file")
-    return files, None
-
-
 def _packed_spec(f: Path, meta: dict) -> dict[str, dict]:
     if meta.get("format") != "predprey":
         return {}
@@ -642,7 +614,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, PackedMatrix | np.ndar
     from . import from_arrays
 
     root = Path(path)
-    files, weight_map = _checkpoint_files(root)
+    files, weight_map = safetensors_files(root)
     result: dict[str, Any] = {}
     seen: set[str] = set()
     for f in files:
@@ -692,7 +664,7 @@ def inspect_checkpoint(path: str | os.PathLike, verify: bool = False) -> dict:
     plus totals and the ``quantization_config``. ``verify=True`` also loads and validates
     everything (``load_checkpoint``)."""
     root = Path(path)
-    files, _ = _checkpoint_files(root)
+    files, _ = safetensors_files(root)
     rows: list[dict] = []
     for f in files:
         header, meta, _body = read_safetensors_header(f)

@@ -392,9 +392,11 @@ class LlamaModel:
 
 
 def _as_f32(v: Any) -> np.ndarray:
+    from .sources import _bf16_bits_to_f32
+
     a = np.asarray(v)
     if a.dtype == np.uint16:  # bfloat16 bits, as load_checkpoint returns them
-        return (a.astype(np.uint32) << 16).view(np.float32)
+        return _bf16_bits_to_f32(a)
     return np.ascontiguousarray(a, dtype=np.float32)
 
 

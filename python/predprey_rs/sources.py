@@ -274,10 +274,8 @@ class SafetensorsSource(Source):
     def __init__(self, path: Path):
         self.path = path
         self.gguf_metadata = None
-        if path.is_dir():
-            files, self.base = _safetensors_files_of_dir(path), path
-        else:
-            files, self.base = [path], path.parent
+        files, _ = safetensors_files(path)
+        self.base = path if path.is_dir() else path.parent
         self._maps: dict[Path, _Mapped] = {}
         self._entries: dict[str, _StEntry] = {}
         self.tensors = []
@@ -346,27 +344,39 @@ class SafetensorsSource(Source):
         self._maps.clear()
 
 
-def _safetensors_files_of_dir(d: Path) -> list[Path]:
-    index = d / "model.safetensors.index.json"
+def safetensors_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a checkpoint and its index's weight map (None without an index).
+
+    ``path``: one file, or a directory with ``model.safetensors.index.json`` (its shards, in
+    index order), else ``model.safetensors``, else every ``*.safetensors`` in name order.
+    A shard the index names but the directory lacks raises FileNotFoundError naming it.
+    """
+    if path.is_file():
+        return [path], None
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
             wm = json.loads(index.read_text())["weight_map"]
+            if not isinstance(wm, dict):
+                raise TypeError("weight_map is not an object")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise FormatError(f"{index}: not a valid safetensors index (needs a \"weight_map\"): {e}") from e
+            raise FormatError(f"{index}: not a valid index (needs a \"weight_map\" object): {e}") from e
         files = []
         for fn in dict.fromkeys(wm.values()):
-            p = d / fn
+            p = path / fn
             if not p.is_file():
-                raise FileNotFoundError(f"{index} names shard {fn!r}, which is missing from {d}")
+                raise FileNotFoundError(f"{index} names shard {fn!r}, which is missing from {path}")
             files.append(p)
-        return files
-    single = d / "model.safetensors"
+        return files, wm
+    single = path / "model.safetensors"
     if single.is_file():
-        return [single]
-    files = sorted(d.glob("*.safetensors"))
+        return [single], None
+    files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{d}: no model.safetensors, model.safetensors.index.json or *.safetensors file")
-    return files
+        raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or *.safetensors file")
+    return files, None
 
 
 class GGUFSource(Source):
