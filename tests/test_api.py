@@ -786,10 +786,21 @@ def test_header_length_prefix_corrupted(packed, length):
         _core.from_bytes(struct.pack("<Q", length) + raw[8:])
 
 
+def stable_bytes(p: pp.PackedMatrix) -> bytes:
+    """The file bytes with the header's keys sorted, so byte positions mean the same thing on
+    every call (``to_bytes`` itself orders the metadata keys at random; see the xfail above)."""
+    header, body = canon(p)
+    hb = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    raw = struct.pack("<Q", len(hb)) + hb + body
+    assert canon(_core.from_bytes(raw)) == canon(p)
+    return raw
+
+
 @settings(deadline=None, max_examples=300)
 @given(data=st.data())
 def test_any_single_byte_corruption_is_rejected_or_valid(packed, data):
-    raw = bytearray(packed.to_bytes())
+    raw = bytearray(stable_bytes(packed))
     hlen = struct.unpack("<Q", raw[:8])[0]
     where = data.draw(st.sampled_from(["prefix", "header", "body"]))
     lo, hi = {"prefix": (0, 8), "header": (8, 8 + hlen), "body": (8 + hlen, len(raw))}[where]
@@ -801,12 +812,24 @@ def test_any_single_byte_corruption_is_rejected_or_valid(packed, data):
     except pp.FormatError:
         return
     # Accepted: then it passed every check of FORMAT.md and behaves like any valid matrix.
-    assert q.shape == packed.shape and q.block_size == packed.block_size
+    assert q.block_size == packed.block_size
     d = pp.decompress(q)
     np.testing.assert_array_equal(d, ref_decode(q))
     pp.matvec(q, np.ones(q.shape[1], np.float32))
-    if where != "body":  # a benign header change (whitespace) must not change the matrix
-        assert canon(q) == canon(packed)
+    if where != "body":
+        # Without a checksum a header edit can still describe a valid matrix: whitespace, or
+        # `cols` moved inside the last block (K = 150 -> 158 with B = 64 keeps every array
+        # shape, and padding columns hold code 0). Then it is the same matrix, zero-extended
+        # or cut in its padding: equal on the common columns, zero beyond.
+        n, k = packed.shape
+        k2 = q.shape[1]
+        assert q.shape[0] == n and -(-k2 // q.block_size) == -(-k // packed.block_size)
+        d0 = pp.decompress(packed)
+        c = min(k, k2)
+        np.testing.assert_array_equal(d[:, :c], d0[:, :c])
+        assert not d[:, c:].any() and not d0[:, c:].any()
+    else:
+        assert q.shape == packed.shape
 
 
 def test_header_corruptions(packed):
