@@ -431,8 +431,8 @@ pub fn fit_block_rows(w: &[f32], len: usize, h: &[f32], planes: &[u8], npred: &[
     }).collect())
 }
 
-/// Checks the inputs; returns the effective importance (None = all ones).
-fn check_inputs(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>, cfg: &QuantConfig) -> Result<Dims, QuantError> {
+/// Checks shape and values of the weights and importance.
+fn check_weights(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>, block_size: usize) -> Result<Dims, QuantError> {
     if rows == 0 || cols == 0 {
         return Err(QuantError::Shape(format!("weight is {rows}x{cols}; compress needs at least 1 row and 1 column")));
     }
@@ -465,10 +465,15 @@ fn check_inputs(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>,
             return Err(QuantError::Value("importance is all zero; expected at least one positive value".into()));
         }
     }
+    Ok(Dims::new(rows, cols, block_size)?)
+}
+
+/// Checks the budget of `compress` against the fixed cost of plane 1.
+fn check_budget(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>, cfg: &QuantConfig) -> Result<Dims, QuantError> {
+    let d = check_weights(w, rows, cols, importance, cfg.block_size)?;
     if !cfg.bits.is_finite() || cfg.bits <= 0.0 {
         return Err(QuantError::Value(format!("bits = {}; expected a positive number of bits per weight", cfg.bits)));
     }
-    let d = Dims::new(rows, cols, cfg.block_size)?;
     let min_bits = 8.0 * d.fixed_bytes() as f64 / (rows as f64 * cols as f64);
     if cfg.bits < min_bits {
         return Err(QuantError::Value(format!(
@@ -512,62 +517,102 @@ fn decide(stats: &[[[f32; NM]; 2]], rows_in_group: usize, lambda: f64, pred_bits
     (best.0, best.1, best.3)
 }
 
-/// Compresses `w` (float32 [rows, cols], row-major) to at most `cfg.bits` bits per weight.
-/// `importance` ([cols], >= 0) weights the squared error per input column.
-pub fn compress(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>, cfg: &QuantConfig) -> Result<PackedMatrix, QuantError> {
-    let d = check_inputs(w, rows, cols, importance, cfg)?;
-    let ones;
-    let h: &[f32] = match importance {
-        Some(h) => h,
-        None => {
-            ones = vec![1f32; cols];
-            &ones
-        }
-    };
-    let (g, nb, b) = (d.n_groups, d.n_blocks, d.block_size);
-    // 1. Error of every option of every row-block.
-    let stats: Vec<[[f32; NM]; 2]> = (0..rows)
-        .into_par_iter()
-        .flat_map_iter(|r| {
-            let mut f = Fitter::new();
-            (0..nb).map(move |blk| {
-                let (x, hh) = block_slices(w, h, &d, r, blk);
-                f.block_stats(x, hh, cfg)
-            }).collect::<Vec<_>>()
-        })
-        .collect();
-    let cell_stats = |gi: usize, blk: usize| -> ([[[f32; NM]; 2]; ROWS_PER_GROUP], usize) {
+/// Errors of every option of every row-block of one matrix: everything the bit allocation
+/// needs. Built once; `total_bits(lambda)` / `encode(lambda)` then price any trade-off, so a
+/// caller can also spread one budget over many matrices with a shared `lambda`.
+pub struct Analysis {
+    /// Shape parameters.
+    pub dims: Dims,
+    stats: Vec<[[f32; NM]; 2]>,
+    allow_plane2: bool,
+}
+
+impl Analysis {
+    /// Fits every option of every block of `w` (float32 [rows, cols], row-major).
+    pub fn new(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>, cfg: &QuantConfig) -> Result<Analysis, QuantError> {
+        let d = check_weights(w, rows, cols, importance, cfg.block_size)?;
+        let ones;
+        let h: &[f32] = match importance {
+            Some(h) => h,
+            None => {
+                ones = vec![1f32; cols];
+                &ones
+            }
+        };
+        let nb = d.n_blocks;
+        let stats: Vec<[[f32; NM]; 2]> = (0..rows)
+            .into_par_iter()
+            .flat_map_iter(|r| {
+                let mut f = Fitter::new();
+                (0..nb).map(move |blk| {
+                    let (x, hh) = block_slices(w, h, &d, r, blk);
+                    f.block_stats(x, hh, cfg)
+                }).collect::<Vec<_>>()
+            })
+            .collect();
+        Ok(Analysis { dims: d, stats, allow_plane2: cfg.allow_plane2 })
+    }
+
+    fn cell(&self, gi: usize, blk: usize) -> ([[[f32; NM]; 2]; ROWS_PER_GROUP], usize) {
+        let (rows, nb) = (self.dims.rows, self.dims.n_blocks);
         let mut s = [[[f32::INFINITY; NM]; 2]; ROWS_PER_GROUP];
         let n = (rows - gi * ROWS_PER_GROUP).min(ROWS_PER_GROUP);
         for (i, si) in s.iter_mut().enumerate().take(n) {
-            *si = stats[(gi * ROWS_PER_GROUP + i) * nb + blk];
+            *si = self.stats[(gi * ROWS_PER_GROUP + i) * nb + blk];
         }
         (s, n)
-    };
-    // 2. Price search: the cheapest lambda whose choices fit the budget.
-    let budget_bits = (cfg.bits * rows as f64 * cols as f64).floor() - 8.0 * d.fixed_bytes() as f64;
-    let pred_bits = 8.0 * d.predator_bytes() as f64;
-    let entry_bits = 8.0 * d.p2_entry_bytes() as f64;
-    let total_bits = |lambda: f64| -> f64 {
-        (0..g * nb).into_par_iter().map(|c| {
-            let (s, n) = cell_stats(c / nb, c % nb);
-            decide(&s, n, lambda, pred_bits, entry_bits, cfg.allow_plane2).2
-        }).sum()
-    };
-    let lambda = if total_bits(0.0) <= budget_bits {
-        0.0
-    } else {
-        let mut hi = stats.par_iter().map(|s| s[0][0] as f64).reduce(|| 0.0, f64::max).max(1e-30);
-        while total_bits(hi) > budget_bits {
+    }
+
+    fn decide_cell(&self, c: usize, lambda: f64) -> (bool, [u8; ROWS_PER_GROUP], f64, f64) {
+        let nb = self.dims.n_blocks;
+        let (s, n) = self.cell(c / nb, c % nb);
+        let (p2, counts, bits) = decide(&s, n, lambda, 8.0 * self.dims.predator_bytes() as f64,
+                                        8.0 * self.dims.p2_entry_bytes() as f64, self.allow_plane2);
+        let err: f64 = (0..n).map(|i| s[i][p2 as usize][counts[i] as usize] as f64).sum();
+        (p2, counts, bits, err)
+    }
+
+    /// Total stored bits (every array) when each cell takes its best choice at price `lambda`
+    /// (error removed per bit). Non-increasing in `lambda`.
+    pub fn total_bits(&self, lambda: f64) -> f64 {
+        let d = &self.dims;
+        8.0 * d.fixed_bytes() as f64
+            + (0..d.n_groups * d.n_blocks).into_par_iter().map(|c| self.decide_cell(c, lambda).2).sum::<f64>()
+    }
+
+    /// The estimated weighted squared error at price `lambda` (an upper bound of what
+    /// `encode(lambda)` gives).
+    pub fn error(&self, lambda: f64) -> f64 {
+        let d = &self.dims;
+        (0..d.n_groups * d.n_blocks).into_par_iter().map(|c| self.decide_cell(c, lambda).3).sum()
+    }
+
+    /// Bits of the cheapest matrix (plane 1 only, no predators).
+    pub fn min_bits(&self) -> f64 {
+        8.0 * self.dims.fixed_bytes() as f64
+    }
+
+    /// A price above which nothing beyond plane 1 is worth buying.
+    pub fn max_lambda(&self) -> f64 {
+        self.stats.par_iter().map(|s| s[0][0] as f64).reduce(|| 0.0, f64::max).max(1e-30)
+    }
+
+    /// The smallest price whose choices fit in `budget_bits` (total stored bits).
+    pub fn lambda_for_budget(&self, budget_bits: f64) -> f64 {
+        if self.total_bits(0.0) <= budget_bits {
+            return 0.0;
+        }
+        let mut hi = self.max_lambda();
+        while self.total_bits(hi) > budget_bits {
             hi *= 4.0;
         }
         let mut lo = hi * 1e-12;
-        if total_bits(lo) <= budget_bits {
+        if self.total_bits(lo) <= budget_bits {
             lo = 0.0;
         }
         for _ in 0..60 {
             let mid = if lo == 0.0 { hi * 1e-12 } else { (lo * hi).sqrt() };
-            if total_bits(mid) <= budget_bits {
+            if self.total_bits(mid) <= budget_bits {
                 hi = mid;
             } else {
                 lo = mid;
@@ -577,6 +622,37 @@ pub fn compress(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>,
             }
         }
         hi
+    }
+}
+
+/// Compresses `w` (float32 [rows, cols], row-major) to at most `cfg.bits` bits per weight.
+/// `importance` ([cols], >= 0) weights the squared error per input column.
+pub fn compress(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>, cfg: &QuantConfig) -> Result<PackedMatrix, QuantError> {
+    check_budget(w, rows, cols, importance, cfg)?;
+    let a = Analysis::new(w, rows, cols, importance, cfg)?;
+    let lambda = a.lambda_for_budget((cfg.bits * rows as f64 * cols as f64).floor());
+    let p = encode(w, importance, &a, lambda, cfg)?;
+    if p.bits_per_weight() > cfg.bits + 1e-12 {
+        return Err(QuantError::Value(format!(
+            "internal: result has {:.4} bits per weight over the budget {}", p.bits_per_weight(), cfg.bits)));
+    }
+    Ok(p)
+}
+
+/// Encodes `w` with the choices each cell makes at price `lambda` (see `Analysis`).
+pub fn encode(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f64, cfg: &QuantConfig) -> Result<PackedMatrix, QuantError> {
+    let d = a.dims;
+    let (rows, cols, g, nb, b) = (d.rows, d.cols, d.n_groups, d.n_blocks, d.block_size);
+    if w.len() != rows * cols || importance.is_some_and(|h| h.len() != cols) {
+        return Err(QuantError::Shape("encode: weight/importance do not match the analysis".into()));
+    }
+    let ones;
+    let h: &[f32] = match importance {
+        Some(h) => h,
+        None => {
+            ones = vec![1f32; cols];
+            &ones
+        }
     };
     // 3. Encode each group with the chosen options.
     struct GroupOut {
@@ -592,8 +668,7 @@ pub fn compress(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>,
         let mut out = GroupOut { codes: vec![ZERO_CODE_BYTE; kp], scales: vec![], p2: vec![], preds: vec![vec![]; n] };
         let mut digits1 = vec![[1u8; ROWS_PER_GROUP]; kp];
         for blk in 0..nb {
-            let (s, _) = cell_stats(gi, blk);
-            let (p2, counts, _) = decide(&s, n, lambda, pred_bits, entry_bits, cfg.allow_plane2);
+            let (p2, counts, _, _) = a.decide_cell(gi * nb + blk, lambda);
             let mut digits2 = vec![[1u8; ROWS_PER_GROUP]; b];
             let mut s2 = [f16::ZERO; ROWS_PER_GROUP];
             for i in 0..n {
@@ -656,10 +731,6 @@ pub fn compress(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>,
         }
     }
     debug_assert!(p.validate().is_ok());
-    if p.bits_per_weight() > cfg.bits + 1e-12 {
-        return Err(QuantError::Value(format!(
-            "internal: result has {:.4} bits per weight over the budget {}", p.bits_per_weight(), cfg.bits)));
-    }
     Ok(p)
 }
 

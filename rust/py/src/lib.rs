@@ -352,6 +352,66 @@ fn from_parts(
     Ok(PyPackedMatrix { inner: Arc::new(p) })
 }
 
+/// The priced options of one matrix (see predprey_core::quant::Analysis): lets a caller spend
+/// one bit budget over many matrices with a shared price `lam` (error removed per bit).
+#[pyclass(name = "Analysis", module = "predprey_rs._core", frozen)]
+pub struct PyAnalysis {
+    weight: Vec<f32>,
+    importance: Option<Vec<f32>>,
+    cfg: QuantConfig,
+    inner: quant::Analysis,
+}
+
+#[pymethods]
+impl PyAnalysis {
+    /// (N, K).
+    #[getter]
+    fn shape(&self) -> (usize, usize) {
+        (self.inner.dims.rows, self.inner.dims.cols)
+    }
+    /// Total stored bits (every array) at price `lam`.
+    fn bits(&self, py: Python<'_>, lam: f64) -> f64 {
+        py.detach(|| self.inner.total_bits(lam))
+    }
+    /// Estimated weighted squared error at price `lam` (an upper bound of encode's).
+    fn error(&self, py: Python<'_>, lam: f64) -> f64 {
+        py.detach(|| self.inner.error(lam))
+    }
+    /// Bits of the cheapest encoding (plane 1 only).
+    fn min_bits(&self) -> f64 {
+        self.inner.min_bits()
+    }
+    /// A price above which nothing beyond plane 1 is bought.
+    fn max_lambda(&self) -> f64 {
+        self.inner.max_lambda()
+    }
+    /// The smallest price whose encoding fits `budget_bits` total stored bits.
+    fn lambda_for_budget(&self, py: Python<'_>, budget_bits: f64) -> f64 {
+        py.detach(|| self.inner.lambda_for_budget(budget_bits))
+    }
+    /// Encodes with the choices made at price `lam`.
+    fn encode(&self, py: Python<'_>, lam: f64) -> PyResult<PyPackedMatrix> {
+        let p = py.detach(|| quant::encode(&self.weight, self.importance.as_deref(), &self.inner, lam, &self.cfg))
+            .map_err(errors::quant)?;
+        Ok(PyPackedMatrix { inner: Arc::new(p) })
+    }
+}
+
+/// Fits every option of every block of float32 weights [N, K] (C-contiguous); see Analysis.
+#[pyfunction]
+#[pyo3(signature = (weight, block_size, importance=None))]
+fn analyze(py: Python<'_>, weight: PyReadonlyArray2<'_, f32>, block_size: usize, importance: Option<PyReadonlyArray1<'_, f32>>) -> PyResult<PyAnalysis> {
+    let (n, k) = (weight.shape()[0], weight.shape()[1]);
+    let w = contiguous("weight", &weight)?.to_vec();
+    let h = match &importance {
+        Some(h) => Some(contiguous("importance", h)?.to_vec()),
+        None => None,
+    };
+    let cfg = QuantConfig::new(0.0, block_size);
+    let inner = py.detach(|| quant::Analysis::new(&w, n, k, h.as_deref(), &cfg)).map_err(errors::quant)?;
+    Ok(PyAnalysis { weight: w, importance: h, cfg, inner })
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
@@ -368,6 +428,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(shader_source, m)?)?;
     m.add_function(wrap_pyfunction!(fit_block, m)?)?;
+    m.add_function(wrap_pyfunction!(analyze, m)?)?;
+    m.add_class::<PyAnalysis>()?;
     m.add_function(wrap_pyfunction!(to_parts, m)?)?;
     m.add_function(wrap_pyfunction!(from_parts, m)?)?;
     m.add("FORMAT_VERSION", format::FORMAT_VERSION)?;
