@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-dense", action="store_true", help="skip the dense FP16 baseline")
     ap.add_argument("--no-torch", action="store_true", help="skip torch even where it is installed")
     ap.add_argument("--sweep", action="store_true", help="also time launch shapes (wg, gpw, direct) on 4096x14336 batch 1")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    ap.add_argument("--json-out", metavar="FILE", help="also write the JSON result to FILE")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     trials = 3 if args.quick else args.trials
@@ -153,6 +154,7 @@ def main(argv=None) -> int:
     log(f"copy kernel: {copy['gbps']:.1f} GB/s (counting bytes read + written: {copy['bytes'] >> 20} MiB per copy)")
 
     rows = []
+    sweep_mats = None
     for shape in shapes:
         n, k = shape
         t0 = time.perf_counter()
@@ -194,14 +196,16 @@ def main(argv=None) -> int:
             log(f"  batch {b}: ours {row['ours_us']:.1f} us ({row['ours_gbps']:.1f} GB/s, {row['pct_of_copy']:.0f}% of copy)"
                 + (f", dense {row['dense_us']:.1f} us (x{row['speedup_vs_dense']:.2f})" if "dense_us" in row else "")
                 + (f", torch {row['torch_us']:.1f} us" if "torch_us" in row else ""))
+        if args.sweep and shape == (4096, 14336):
+            sweep_mats = mats
         del mats, dens
 
     sweep = []
     if args.sweep:
         n, k = 4096, 14336
-        mats = [gpu.upload(_synth.random_packed(rng, n, k, block_size=args.block_size, plane2=args.plane2,
-                                                predators=args.predators))
-                for _ in range(copies_for(20 << 20, l2, cap))]
+        mats = sweep_mats or [gpu.upload(_synth.random_packed(rng, n, k, block_size=args.block_size, plane2=args.plane2,
+                                                              predators=args.predators))
+                              for _ in range(copies_for(20 << 20, l2, cap))]
         old = os.environ.get("PREDPREY_GPU_TUNE")
         for wg in (64, 128, 256):
             for gpw in (1, 2):
@@ -214,10 +218,13 @@ def main(argv=None) -> int:
             os.environ.pop("PREDPREY_GPU_TUNE", None)
         else:
             os.environ["PREDPREY_GPU_TUNE"] = old
-        del mats
+        del mats, sweep_mats
 
     result = {"adapter": info, "copy_gbps": copy["gbps"], "l2_mb": l2 >> 20, "rows": rows, "sweep": sweep,
               "seconds": time.perf_counter() - t_start}
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=1, default=float)
     if args.json:
         print(json.dumps(result, indent=1, default=float))
         return 0

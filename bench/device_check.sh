@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# bench/device_check.sh: the GPU check in one go on a machine with an NVIDIA GPU, x86-64 and
+# Python 3.12 but no network and no Rust: install the prepared wheels and the Vulkan loader, run
+# the GPU tests, `predprey gpu-check` and bench/gpu_matvec.py, print one short table. Typically
+# 2-3 minutes; every step has its own time limit (4m50s in all).
+#
+# Prepare on a build machine, in the repo root (.whl/ and .gl/ are git-ignored):
+#   rm -rf .whl && maturin build --release -o .whl
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl wgpu==0.32.0 cffi==2.0.0 pycparser==3.0 rendercanvas==2.7.2
+#   mkdir -p .gl /tmp/amd64/partial; o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
+#   apt-get $o update; (cd .gl && apt-get $o download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
+# Run there, from the repo root:   bash bench/device_check.sh
+# Logs and JSON go to $OUT when it is set (else /tmp/predprey_device_check).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+out=${OUT:-/tmp/predprey_device_check}
+mkdir -p "$out"
+say() { echo "== $* ($(($(date +%s) - start)) s)"; }
+
+say "Vulkan / EGL loaders"
+if ls .gl/*.deb >/dev/null 2>&1; then
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+fi
+export XDG_RUNTIME_DIR=$(mktemp -d)
+chmod 700 "$XDG_RUNTIME_DIR"
+
+say "wheels"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "device_check: installing .whl/*.whl failed"; exit 1; }
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+
+probe() {
+    timeout 60 python3 - <<'EOF'
+from predprey_rs import gpu
+ads = gpu.list_adapters()
+for a in ads:
+    print(f"   {a['backend']:7} {a['adapter_type']:13} {a['device']}  subgroups={a['subgroups']}")
+raise SystemExit(0 if any(a["adapter_type"] == "DiscreteGPU" for a in ads) else 3)
+EOF
+}
+say "adapters"
+nv=/usr/local/nvidia/share
+if ! probe && [ -f "$nv/vulkan/icd.d/nvidia_icd.json" ]; then
+    echo "   no discrete GPU adapter: pointing the loaders at the NVIDIA driver in $nv"
+    export VK_DRIVER_FILES=$nv/vulkan/icd.d/nvidia_icd.json __EGL_VENDOR_LIBRARY_FILENAMES=$nv/glvnd/egl_vendor.d/10_nvidia.json
+    probe || echo "   still no discrete GPU adapter; the checks below run on what there is"
+fi
+
+say "GPU tests (PREDPREY_REQUIRE_GPU=1)"
+PREDPREY_REQUIRE_GPU=1 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >"$out/tests.log" 2>&1
+echo "   exit $?: $(tail -n 1 "$out/tests.log")"
+grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -n 10
+
+say "predprey gpu-check --quick"
+timeout 70 python3 -m predprey_rs.cli gpu-check --quick --json >"$out/gpu_check.json" 2>"$out/gpu_check.log"
+echo "   exit $?"
+
+say "bench/gpu_matvec.py --sweep ${BENCH_ARGS:-}"
+# BENCH_ARGS: e.g. "--quick --shapes 4096x14336 --batches 1" to try this script on a software adapter
+timeout 130 python3 bench/gpu_matvec.py --sweep ${BENCH_ARGS:-} --json-out "$out/bench.json" >"$out/bench.txt" 2>"$out/bench.log"
+echo "   exit $?"
+cat "$out/bench.txt"
+
+say "summary"
+python3 - "$out" <<'EOF'
+import json, os, re, sys
+out = sys.argv[1]
+def load(name):
+    try:
+        with open(os.path.join(out, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+tests = open(os.path.join(out, "tests.log")).read().strip().splitlines()
+print(f"GPU tests: {tests[-1] if tests else 'no output'}")
+chk = load("gpu_check.json")
+if chk:
+    for r in chk["adapters"]:
+        res = "pass" if r.get("passed") else "FAIL " + (r.get("error") or "; ".join(r.get("failures", []))[:120])
+        err = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "-"
+        gbps = f"{r['gbps']:.0f} GB/s = {r['pct_of_copy']:.0f}% of copy" if "gbps" in r else "-"
+        print(f"gpu-check: {r['backend']:7} {r['device'][:32]:32} {r['variant']:9} max rel err {err}  {res}  {gbps}")
+else:
+    print("gpu-check: no result (see gpu_check.log)")
+b = load("bench.json")
+if b:
+    print(f"bench on {b['adapter']['device']} via {b['adapter']['backend']} ({b['adapter']['kernel_variant']}), "
+          f"copy {b['copy_gbps']:.0f} GB/s, L2 {b['l2_mb']} MiB:")
+    print(f"  {'shape':>10} {'B':>2} {'ours us':>9} {'GB/s':>7} {'%copy':>6} {'x dense':>8} {'x torch':>8}")
+    for r in b["rows"]:
+        xd = f"{r['speedup_vs_dense']:.2f}" if "speedup_vs_dense" in r else "-"
+        xt = f"{r['speedup_vs_torch']:.2f}" if "speedup_vs_torch" in r else "-"
+        print(f"  {r['shape']:>10} {r['batch']:>2} {r['ours_us']:9.1f} {r['ours_gbps']:7.1f} {r['pct_of_copy']:5.0f}% {xd:>8} {xt:>8}")
+    one = [r for r in b["rows"] if r["batch"] == 1]
+    if one:
+        pct = min(r["pct_of_copy"] for r in one)
+        xd = min((r.get("speedup_vs_dense", 0) for r in one), default=0)
+        print(f"goal at batch 1: >= 75% of copy (worst shape {pct:.0f}%), >= 4x dense f16 (worst {xd:.2f}x)")
+    if b.get("sweep"):
+        best = min(b["sweep"], key=lambda s: s["us"])
+        print(f"  best launch (4096x14336, B=1): wg={best['wg']} gpw={best['gpw']} direct={best['direct']} "
+              f"{best['gbps']:.0f} GB/s")
+else:
+    print("bench: no result (see bench.log)")
+EOF
+say "done"
