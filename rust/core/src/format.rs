@@ -543,12 +543,56 @@ impl PackedMatrix {
         Ok(p)
     }
 
-    /// Serialises to safetensors bytes (header + the nine arrays).
+    /// Serialises to safetensors bytes (header + the nine arrays). Deterministic: the same
+    /// matrix always gives the same bytes (metadata keys sorted, tensors in `TENSOR_NAMES`
+    /// order), so files can be checksummed and deduplicated.
     pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>, FormatError> {
         let tensors = self.to_tensors();
-        let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
-        safetensors::serialize(refs, Some(self.metadata()))
-            .map_err(|e| FormatError::Invalid(format!("could not serialise: {e}")))
+        let mut meta: Vec<(String, String)> = self.metadata().into_iter().collect();
+        meta.sort();
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), serde_json::Value::Object(
+            meta.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect()));
+        let mut offset = 0usize;
+        for (name, t) in &tensors {
+            let st = match t.dtype {
+                Dtype::U8 => "U8",
+                Dtype::U16 => "U16",
+                Dtype::U32 => "U32",
+                Dtype::F16 => "F16",
+            };
+            header.insert((*name).into(), serde_json::json!({
+                "dtype": st, "shape": t.shape, "data_offsets": [offset, offset + t.data.len()],
+            }));
+            offset += t.data.len();
+        }
+        // serde_json's Map keeps insertion order only with `preserve_order`; write it by hand.
+        let mut json = String::from("{");
+        let mut first = true;
+        let mut put = |k: &str, v: &serde_json::Value| {
+            if !first {
+                json.push(',');
+            }
+            first = false;
+            json.push_str(&serde_json::to_string(k).unwrap_or_default());
+            json.push(':');
+            json.push_str(&serde_json::to_string(v).unwrap_or_default());
+        };
+        put("__metadata__", &header["__metadata__"]);
+        for (name, _) in &tensors {
+            put(name, &header[*name]);
+        }
+        json.push('}');
+        while json.len() % 8 != 0 {
+            json.push(' ');
+        }
+        let mut out = Vec::with_capacity(8 + json.len() + offset);
+        out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        out.extend_from_slice(json.as_bytes());
+        for (_, t) in &tensors {
+            out.extend_from_slice(&t.data);
+        }
+        Ok(out)
     }
 
     /// Parses and validates safetensors bytes written by `to_safetensors_bytes`.
@@ -751,7 +795,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FormatError> {
     let io = |e| FormatError::Io { path: path.display().to_string(), source: e };
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| FormatError::Invalid(format!("{}: not a file path", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    // Unique per process and per call, so concurrent saves never share a temporary file.
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{}.tmp{}-{n}", name.to_string_lossy(), std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -880,6 +927,10 @@ mod tests {
         let p = tiny();
         let bytes = p.to_safetensors_bytes().unwrap();
         assert_eq!(PackedMatrix::from_safetensors_bytes(&bytes).unwrap(), p);
+        assert_eq!(bytes, p.to_safetensors_bytes().unwrap(), "serialisation must be deterministic");
+        // The safetensors crate reads what we write.
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("codes").unwrap().data(), &p.codes[..]);
         // truncated
         assert!(PackedMatrix::from_safetensors_bytes(&bytes[..bytes.len() - 3]).is_err());
         // wrong version

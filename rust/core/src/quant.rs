@@ -433,6 +433,9 @@ pub fn fit_block_rows(w: &[f32], len: usize, h: &[f32], planes: &[u8], npred: &[
 
 /// Checks shape and values of the weights and importance.
 fn check_weights(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>, block_size: usize) -> Result<Dims, QuantError> {
+    if !crate::format::BLOCK_SIZES.contains(&block_size) {
+        return Err(QuantError::Value(format!("block_size is {block_size}; expected one of 32, 64, 128, 256")));
+    }
     if rows == 0 || cols == 0 {
         return Err(QuantError::Shape(format!("weight is {rows}x{cols}; compress needs at least 1 row and 1 column")));
     }
@@ -603,7 +606,12 @@ impl Analysis {
             return 0.0;
         }
         let mut hi = self.max_lambda();
-        while self.total_bits(hi) > budget_bits {
+        // At a high enough price only plane 1 is bought; a budget below that is unreachable
+        // and gets the plane-1-only encoding (callers check the minimum first).
+        for _ in 0..200 {
+            if self.total_bits(hi) <= budget_bits {
+                break;
+            }
             hi *= 4.0;
         }
         let mut lo = hi * 1e-12;
@@ -630,7 +638,9 @@ impl Analysis {
 pub fn compress(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>, cfg: &QuantConfig) -> Result<PackedMatrix, QuantError> {
     check_budget(w, rows, cols, importance, cfg)?;
     let a = Analysis::new(w, rows, cols, importance, cfg)?;
-    let lambda = a.lambda_for_budget((cfg.bits * rows as f64 * cols as f64).floor());
+    // Whole bits, never below the fixed part (`check_budget` has ensured bits >= the minimum;
+    // the floor could otherwise drop a just-sufficient budget under it).
+    let lambda = a.lambda_for_budget((cfg.bits * rows as f64 * cols as f64).floor().max(a.min_bits()));
     let p = encode(w, importance, &a, lambda, cfg)?;
     if p.bits_per_weight() > cfg.bits + 1e-12 {
         return Err(QuantError::Value(format!(
@@ -823,6 +833,15 @@ mod tests {
             assert!(err <= last * 1.0001, "error grew with more bits: {err} > {last} at {bits}");
             last = err;
         }
+    }
+
+    #[test]
+    fn budget_exactly_at_the_minimum_terminates() {
+        // 1 x 84 with B = 32: fixed part is 96 + 6 + 8 + 8 bytes; bits * N * K is not whole.
+        let w: Vec<f32> = (0..84).map(|i| (i as f32 * 0.37).sin()).collect();
+        let bits = 8.0 * (96 + 6 + 8 + 8) as f64 / 84.0;
+        let p = compress(&w, 1, 84, None, &QuantConfig::new(bits, 32)).unwrap();
+        assert!(p.bits_per_weight() <= bits + 1e-12);
     }
 
     #[test]
