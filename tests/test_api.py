@@ -271,8 +271,6 @@ def test_bits_below_minimum_says_the_minimum(wb, frac):
     assert f"{lo:.4f}" in str(ei.value)
 
 
-@pytest.mark.xfail(strict=True, reason="quant.rs: bits exactly at the minimum can make budget_bits = -1 "
-                   "(floor of bits*N*K rounds down) and the lambda search loops forever; reported to the lead")
 def test_compress_at_exactly_the_minimum_terminates():
     # 8 * fixed / (N * K) * (N * K) rounds to just under 8 * fixed for this shape. Run in a
     # child process: the hang is in Rust with the GIL released and cannot be interrupted.
@@ -325,8 +323,6 @@ def canon(p_or_raw) -> tuple[dict, bytes]:
     return header, raw[8 + hlen:]
 
 
-@pytest.mark.xfail(strict=True, reason="format.rs: metadata is a HashMap, so the header's key order "
-                   "(and the file bytes) change from call to call; reported to the lead")
 def test_to_bytes_is_reproducible():
     p = pp.compress(make_weight(7, 70, 32, "normal", 1.0, 0), 8.0, 32)
     assert len({p.to_bytes() for _ in range(20)}) == 1
@@ -788,7 +784,7 @@ def test_header_length_prefix_corrupted(packed, length):
 
 def stable_bytes(p: pp.PackedMatrix) -> bytes:
     """The file bytes with the header's keys sorted, so byte positions mean the same thing on
-    every call (``to_bytes`` itself orders the metadata keys at random; see the xfail above)."""
+    every call (written before ``to_bytes`` became deterministic; kept as the weaker check)."""
     header, body = canon(p)
     hb = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
@@ -1047,8 +1043,6 @@ def test_failed_write_leaves_old_file_and_no_partial_file(tmp_path):
     assert (tmp_path / "m.safetensors").read_bytes() == b"old contents"
 
 
-@pytest.mark.xfail(strict=True, reason="format.rs write_atomic: the temp name is `.{name}.tmp{pid}`, shared by "
-                   "threads of one process, so one save renames the other's file away (ENOENT); reported")
 def test_concurrent_saves_to_one_path_never_corrupt(tmp_path):
     # Two threads saving different matrices to the same path: each save either succeeds or
     # raises OSError, and the file is always one of the two matrices, whole.

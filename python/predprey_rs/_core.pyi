@@ -30,6 +30,8 @@ __all__ = [
     "cpu_kernel",
     "shader_source",
     "fit_block",
+    "analyze",
+    "Analysis",
     "to_parts",
     "from_parts",
     "FORMAT_VERSION",
@@ -181,6 +183,35 @@ def fit_block(
     Returns (s1 [N], s2 [N], t1 int8 [N, L], t2 int8 [N, L], pred float32 [N, L] with NaN
     where there is no predator). Scales are FP16-rounded float32; codes are -1/0/+1.
     """
+
+class Analysis:
+    """The priced options of one matrix: every block's error for each choice of planes and
+    predator count. ``bits(lam)`` / ``encode(lam)`` give the encoding chosen at price ``lam``
+    (weighted squared error removed per stored bit), so one budget can be spread over many
+    matrices with a shared price. Build with ``analyze``."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, K)."""
+    def bits(self, lam: float) -> float:
+        """Total stored bits (every array) of the encoding chosen at price ``lam``."""
+    def error(self, lam: float) -> float:
+        """Estimated weighted squared error at price ``lam`` (an upper bound of encode's)."""
+    def min_bits(self) -> float:
+        """Bits of the cheapest encoding: plane 1 only, no predators."""
+    def max_lambda(self) -> float:
+        """A price above which nothing beyond plane 1 is bought."""
+    def lambda_for_budget(self, budget_bits: float) -> float:
+        """The smallest price whose encoding fits ``budget_bits`` total stored bits."""
+    def encode(self, lam: float) -> PackedMatrix:
+        """The PackedMatrix chosen at price ``lam``."""
+
+def analyze(
+    weight: npt.NDArray[np.float32],
+    block_size: int,
+    importance: npt.NDArray[np.float32] | None = None,
+) -> Analysis:
+    """Fits every option of every block of float32 weights [N, K] (C-contiguous); see Analysis."""
 
 class _Parts(TypedDict):
     """The dense spelling of a matrix, as ``to_parts`` returns it."""
