@@ -29,7 +29,8 @@ export XDG_RUNTIME_DIR=$(mktemp -d)
 chmod 700 "$XDG_RUNTIME_DIR"
 
 say "wheels"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --disable-pip-version-check \
+    --root-user-action=ignore --target /tmp/site .whl/*.whl \
     || { echo "device_check: installing .whl/*.whl failed"; exit 1; }
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 
@@ -82,19 +83,19 @@ if chk:
     for r in chk["adapters"]:
         res = "pass" if r.get("passed") else "FAIL " + (r.get("error") or "; ".join(r.get("failures", []))[:120])
         err = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "-"
-        gbps = f"{r['gbps']:.0f} GB/s = {r['pct_of_copy']:.0f}% of copy" if "gbps" in r else "-"
+        gbps = f"{r['gbps']:.3g} GB/s = {r['pct_of_copy']:.0f}% of copy" if "gbps" in r else "-"
         print(f"gpu-check: {r['backend']:7} {r['device'][:32]:32} {r['variant']:9} max rel err {err}  {res}  {gbps}")
 else:
     print("gpu-check: no result (see gpu_check.log)")
 b = load("bench.json")
 if b:
     print(f"bench on {b['adapter']['device']} via {b['adapter']['backend']} ({b['adapter']['kernel_variant']}), "
-          f"copy {b['copy_gbps']:.0f} GB/s, L2 {b['l2_mb']} MiB:")
+          f"copy {b['copy_gbps']:.4g} GB/s, L2 {b['l2_mb']} MiB:")
     print(f"  {'shape':>10} {'B':>2} {'ours us':>9} {'GB/s':>7} {'%copy':>6} {'x dense':>8} {'x torch':>8}")
     for r in b["rows"]:
         xd = f"{r['speedup_vs_dense']:.2f}" if "speedup_vs_dense" in r else "-"
         xt = f"{r['speedup_vs_torch']:.2f}" if "speedup_vs_torch" in r else "-"
-        print(f"  {r['shape']:>10} {r['batch']:>2} {r['ours_us']:9.1f} {r['ours_gbps']:7.1f} {r['pct_of_copy']:5.0f}% {xd:>8} {xt:>8}")
+        print(f"  {r['shape']:>10} {r['batch']:>2} {r['ours_us']:9.1f} {r['ours_gbps']:7.4g} {r['pct_of_copy']:5.0f}% {xd:>8} {xt:>8}")
     one = [r for r in b["rows"] if r["batch"] == 1]
     if one:
         pct = min(r["pct_of_copy"] for r in one)
@@ -103,7 +104,7 @@ if b:
     if b.get("sweep"):
         best = min(b["sweep"], key=lambda s: s["us"])
         print(f"  best launch (4096x14336, B=1): wg={best['wg']} gpw={best['gpw']} direct={best['direct']} "
-              f"{best['gbps']:.0f} GB/s")
+              f"{best['gbps']:.4g} GB/s ({100 * best['gbps'] / b['copy_gbps']:.0f}% of copy)")
 else:
     print("bench: no result (see bench.log)")
 EOF
