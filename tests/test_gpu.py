@@ -125,9 +125,10 @@ def test_large_plane1_only(gpu, rng):
 
 
 def test_every_batch_1_to_8_and_sliced_batches(gpu, rng):
-    """NB = 1..8 are separate pipelines; batches > 8 run as several z slices of 8."""
+    """NB = 1..8 are separate pipelines; batches > 8 run as several z slices of 8, and batches
+    past the rows held on the GPU at once (256) as several submits."""
     p = _synth.random_packed(rng[0], 23, 200, block_size=64, plane2=0.5, predators=0.02)
-    check(gpu, p, rng, [1, 2, 3, 4, 5, 6, 7, 8, 11, 20])
+    check(gpu, p, rng, [1, 2, 3, 4, 5, 6, 7, 8, 11, 20, 300])
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

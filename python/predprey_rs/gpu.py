@@ -250,10 +250,13 @@ def _open(adapter, info: dict, subgroups: bool | None = None) -> _Ctx:
     limits = {n: int(al[n]) for n in names if n in al}
     try:
         device = adapter.request_device_sync(required_features=want, required_limits=limits)
-    except Exception as e:
-        raise GpuUnavailableError(
-            f"could not open a device on {info['device']} via {info['backend']}: {type(e).__name__}: {e}"
-        ) from e
+    except Exception:
+        try:  # some drivers refuse their own maxima: fall back to the WebGPU defaults
+            device = adapter.request_device_sync(required_features=want)
+        except Exception as e:
+            raise GpuUnavailableError(
+                f"could not open a device on {info['device']} via {info['backend']}: {type(e).__name__}: {e}"
+            ) from e
     dl = {n: int(device.limits[n]) for n in names}
     return _Ctx(adapter, device, info, use_sg, "timestamp-query" in want, dl)
 
