@@ -331,7 +331,8 @@ def format_totals(t: dict) -> str:
     ratio = t["bytes_before"] / t["bytes_after"] if t["bytes_after"] else float("nan")
     s = (f"total: {t['tensors']} tensors ({t['packed']} packed, {t['kept']} kept)  "
          f"{_mib(t['bytes_before'])} MiB -> {_mib(t['bytes_after'])} MiB (ratio {ratio:.2f}x)  "
-         f"packed weights {t['avg_bits_packed']:.3f} bits avg, all tensors {t['avg_bits_all']:.3f} bits/param")
+         f"packed tensors {_mib(t['packed_bytes_before'])} -> {_mib(t['packed_bytes_after'])} MiB "
+         f"at {t['avg_bits_packed']:.3f} bits avg, all tensors {t['avg_bits_all']:.3f} bits/param")
     if t.get("seconds") is not None:
         s += f"  {t['seconds']:.1f} s ({t['weights_per_s'] / 1e6:.1f} M weights/s)"
     return s
@@ -350,6 +351,8 @@ def compress_checkpoint(
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool | Callable[[dict], None] = False,
+    packed: Mapping[str, PackedMatrix] | None = None,
+    quantization_info: Mapping[str, Any] | None = None,
 ) -> dict:
     """Compresses a whole checkpoint into a packed checkpoint directory ``out``.
 
@@ -360,7 +363,10 @@ def compress_checkpoint(
     ``importance``: a llama.cpp imatrix file (GGUF or legacy .dat) or {name: vector}; tensors
     are matched by name or by their llama.cpp (GGUF) name. ``dry_run``: plan only, write nothing.
     ``progress``: True for a tqdm bar with one line per tensor, or a callable given each
-    tensor's record as it is done.
+    tensor's record as it is done. ``packed``: matrices already compressed (by calibration,
+    ``predprey_rs.calibrate``), by name or GGUF name; a selected tensor found there is written
+    as it is instead of being compressed again. ``quantization_info``: extra entries for the
+    ``quantization_config`` of config.json (e.g. how the model was calibrated).
 
     Returns {"tensors": [record per tensor], "totals": {...}, "out": str or None}.
     """
@@ -421,7 +427,7 @@ def compress_checkpoint(
                         t1 = time.perf_counter()
                         r = _record(info, pack, reason)
                         if pack:
-                            _pack_one(source, info, writer, r, bits, block_size, imatrix)
+                            _pack_one(source, info, writer, r, bits, block_size, imatrix, packed)
                         else:
                             r["bytes_after"] = writer.add_passthrough(info.name, source, _passthrough_bytes(info))
                         r["seconds"] = time.perf_counter() - t1
@@ -444,6 +450,7 @@ def compress_checkpoint(
                     "imatrix": imatrix_name if imatrix_name else (True if imatrix else None),
                     "source": {"format": source.kind, "name": Path(src).name},
                     "predprey_version": _core.__version__,
+                    **dict(quantization_info or {}),
                 }
                 config = dict(source.config) if source.config else {}
                 config["quantization_config"] = qc
@@ -489,7 +496,8 @@ def _record(info: TensorInfo, pack: bool, reason: str) -> dict:
 
 
 def _pack_one(source: Source, info: TensorInfo, writer: _ShardWriter, r: dict, bits: float,
-              block_size: int, imatrix: Mapping[str, np.ndarray] | None) -> None:
+              block_size: int, imatrix: Mapping[str, np.ndarray] | None,
+              packed: Mapping[str, PackedMatrix] | None = None) -> None:
     from . import compress
 
     h = None
@@ -501,8 +509,13 @@ def _pack_one(source: Source, info: TensorInfo, writer: _ShardWriter, r: dict, b
                 f"{info.shape[1]} (one per input column). Is the imatrix from another model?"
             )
     w = source.read_float32(info.name)
+    p = importance_for(packed, info.name) if packed is not None else None
+    if p is not None and tuple(p.shape) != tuple(info.shape):
+        raise _core.ShapeError(f"{info.name}: the pre-compressed matrix is {p.shape[0]}x{p.shape[1]}; "
+                               f"expected {_fmt_shape(info.shape)}")
     try:
-        p = compress(w, bits=bits, block_size=block_size, importance=h)
+        if p is None:
+            p = compress(w, bits=bits, block_size=block_size, importance=h)
     except (_core.WeightError, _core.ShapeError, _core.FormatError) as e:
         raise type(e)(f"{info.name} ({_fmt_shape(info.shape)}): {e}") from e
     err, method = _relative_error(w, p)
