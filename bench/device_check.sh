@@ -60,9 +60,10 @@ say "predprey gpu-check --quick"
 timeout 70 python3 -m predprey_rs.cli gpu-check --quick --json >"$out/gpu_check.json" 2>"$out/gpu_check.log"
 echo "   exit $?"
 
-say "bench/gpu_matvec.py --sweep ${BENCH_ARGS:-}"
-# BENCH_ARGS: e.g. "--quick --shapes 4096x14336 --batches 1" to try this script on a software adapter
-timeout 130 python3 bench/gpu_matvec.py --sweep ${BENCH_ARGS:-} --json-out "$out/bench.json" >"$out/bench.txt" 2>"$out/bench.log"
+# BENCH_ARGS="--quick --shapes 4096x14336 --batches 1" SWEEP= : to try this script on a software adapter
+sweep=${SWEEP---sweep}
+say "bench/gpu_matvec.py $sweep ${BENCH_ARGS:-}"
+timeout 130 python3 bench/gpu_matvec.py $sweep ${BENCH_ARGS:-} --json-out "$out/bench.json" >"$out/bench.txt" 2>"$out/bench.log"
 echo "   exit $?"
 cat "$out/bench.txt"
 
@@ -101,9 +102,9 @@ if b:
         pct = min(r["pct_of_copy"] for r in one)
         xd = min((r.get("speedup_vs_dense", 0) for r in one), default=0)
         print(f"goal at batch 1: >= 75% of copy (worst shape {pct:.0f}%), >= 4x dense f16 (worst {xd:.2f}x)")
-    if b.get("sweep"):
-        best = min(b["sweep"], key=lambda s: s["us"])
-        print(f"  best launch (4096x14336, B=1): wg={best['wg']} gpw={best['gpw']} direct={best['direct']} "
+    for shape in dict.fromkeys(s["shape"] for s in b.get("sweep", [])):
+        best = min((s for s in b["sweep"] if s["shape"] == shape), key=lambda s: s["us"])
+        print(f"  best launch ({shape}, B=1): wg={best['wg']} gpw={best['gpw']} direct={best['direct']} "
               f"{best['gbps']:.4g} GB/s ({100 * best['gbps'] / b['copy_gbps']:.0f}% of copy)")
 else:
     print("bench: no result (see bench.log)")

@@ -30,6 +30,7 @@ import predprey_rs as pp
 from predprey_rs import _gpubench as gb
 from predprey_rs import _synth, gpu
 
+SWEEP_SHAPES = [(4096, 14336), (14336, 4096)]
 L2_MB = {"H200": 60, "H100": 50, "GH200": 60, "A100": 40, "A10": 6, "L40": 96, "L4": 48, "4090": 72,
          "4080": 64, "3090": 6, "MI300": 256, "MI250": 16, "MI210": 16}
 
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="3 trials, fewer copies (software adapters)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense FP16 baseline")
     ap.add_argument("--no-torch", action="store_true", help="skip torch even where it is installed")
-    ap.add_argument("--sweep", action="store_true", help="also time launch shapes (wg, gpw, direct) on 4096x14336 batch 1")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time launch shapes (wg, gpw, direct) at batch 1 on 4096x14336 and 14336x4096")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--json-out", metavar="FILE", help="also write the JSON result to FILE")
     ap.add_argument("--seed", type=int, default=0)
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
     log(f"copy kernel: {copy['gbps']:.1f} GB/s (counting bytes read + written: {copy['bytes'] >> 20} MiB per copy)")
 
     rows = []
-    sweep_mats = None
+    sweep_mats = {}
     for shape in shapes:
         n, k = shape
         t0 = time.perf_counter()
@@ -196,29 +198,31 @@ def main(argv=None) -> int:
             log(f"  batch {b}: ours {row['ours_us']:.1f} us ({row['ours_gbps']:.1f} GB/s, {row['pct_of_copy']:.0f}% of copy)"
                 + (f", dense {row['dense_us']:.1f} us (x{row['speedup_vs_dense']:.2f})" if "dense_us" in row else "")
                 + (f", torch {row['torch_us']:.1f} us" if "torch_us" in row else ""))
-        if args.sweep and shape == (4096, 14336):
-            sweep_mats = mats
+        if args.sweep and shape in SWEEP_SHAPES:
+            sweep_mats[shape] = mats
         del mats, dens
 
     sweep = []
     if args.sweep:
-        n, k = 4096, 14336
-        mats = sweep_mats or [gpu.upload(_synth.random_packed(rng, n, k, block_size=args.block_size, plane2=args.plane2,
-                                                              predators=args.predators))
-                              for _ in range(copies_for(20 << 20, l2, cap))]
         old = os.environ.get("PREDPREY_GPU_TUNE")
-        for wg in (64, 128, 256):
-            for gpw in (1, 2):
-                for direct in (0, 2):
-                    os.environ["PREDPREY_GPU_TUNE"] = f"wg={wg},gpw={gpw},direct={direct}"
-                    s, _ = time_ours(ctx, mats, 1, trials)
-                    sweep.append({"wg": wg, "gpw": gpw, "direct": direct, "us": s["median_s"] * 1e6,
-                                  "gbps": mats[0].nbytes / s["median_s"] / 1e9})
+        for (n, k) in SWEEP_SHAPES:
+            mats = sweep_mats.get((n, k)) or [
+                gpu.upload(_synth.random_packed(rng, n, k, block_size=args.block_size, plane2=args.plane2,
+                                                predators=args.predators))
+                for _ in range(copies_for(20 << 20, l2, cap))]
+            for wg in (32, 64, 128, 256):
+                for gpw in (1, 2, 4):
+                    for direct in (0, 1, 2):
+                        os.environ["PREDPREY_GPU_TUNE"] = f"wg={wg},gpw={gpw},direct={direct}"
+                        s, _ = time_ours(ctx, mats, 1, min(trials, 5))
+                        sweep.append({"shape": f"{n}x{k}", "wg": wg, "gpw": gpw, "direct": direct,
+                                      "us": s["median_s"] * 1e6, "gbps": mats[0].nbytes / s["median_s"] / 1e9})
+            del mats
+            sweep_mats.pop((n, k), None)
         if old is None:
             os.environ.pop("PREDPREY_GPU_TUNE", None)
         else:
             os.environ["PREDPREY_GPU_TUNE"] = old
-        del mats, sweep_mats
 
     result = {"adapter": info, "copy_gbps": copy["gbps"], "l2_mb": l2 >> 20, "rows": rows, "sweep": sweep,
               "seconds": time.perf_counter() - t_start}
@@ -249,10 +253,16 @@ def main(argv=None) -> int:
     for line in [head] + body:
         print("  ".join(x.rjust(w) for x, w in zip(line, widths)))
     if sweep:
-        print("\nlaunch sweep, 4096x14336 batch 1 (cold):")
-        for s in sorted(sweep, key=lambda s: s["us"]):
-            print(f"  wg={s['wg']:<4} gpw={s['gpw']} direct={s['direct']}  {s['us']:8.1f} us  {s['gbps']:7.1f} GB/s  "
-                  f"{100 * s['gbps'] / copy['gbps']:.0f}% of copy")
+        print("\nlaunch sweep, batch 1 (cold), best 5 of each shape and the default (wg by K, gpw=1, direct=2):")
+        for shape in dict.fromkeys(s["shape"] for s in sweep):
+            mine = sorted((s for s in sweep if s["shape"] == shape), key=lambda s: s["us"])
+            default = [r for r in rows if r["shape"] == shape and r["batch"] == 1]
+            for s in mine[:5]:
+                print(f"  {shape:>10} wg={s['wg']:<4} gpw={s['gpw']} direct={s['direct']}  {s['us']:8.1f} us  "
+                      f"{s['gbps']:7.4g} GB/s  {100 * s['gbps'] / copy['gbps']:.0f}% of copy")
+            if default:
+                print(f"  {shape:>10} default               {default[0]['ours_us']:8.1f} us  "
+                      f"{default[0]['ours_gbps']:7.4g} GB/s  {default[0]['pct_of_copy']:.0f}% of copy")
     print(f"({result['seconds']:.0f} s)")
     return 0
 

@@ -444,7 +444,7 @@ class GpuMatrix:
         nb = min(batch, _MAX_NB)
         slices = -(-batch // nb)
         kp16 = self._kp // 16
-        gpw = 2 if 2 < nb <= 4 else 1
+        gpw = 1  # more row groups per workgroup only trade registers for x reuse (see the bench sweep)
         wg = 32 if kp16 <= 64 else 64 if kp16 <= 512 else 128 if kp16 <= 2048 else 256
         t = _tune()
         wg = int(t.get("wg", wg))
