@@ -96,9 +96,8 @@ def test_user_errors(capsys, tmp_path, minilm_out):
 
 
 def test_reserved_names(capsys):
-    for name in ("eval", "bench"):
-        code, _, err = run(capsys, name)
-        assert code == 2 and "not available" in err
+    code, _, err = run(capsys, "bench")  # the GPU issue's; `eval` belongs to the fidelity issue
+    assert code == 2 and "not available" in err
 
 
 def test_sigterm_leaves_no_out(tmp_path):
