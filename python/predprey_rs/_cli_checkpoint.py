@@ -59,6 +59,12 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="also pack 2-D tensors matching this glob (e.g. '*embed_tokens*', 'lm_head.weight'); repeatable")
     p.add_argument("--exclude", action="append", default=[], metavar="PAT", help="never pack tensors matching this glob; repeatable; wins over --include")
     p.add_argument("--imatrix", metavar="FILE", help="llama.cpp importance matrix (GGUF or legacy .dat) weighting the error per input column")
+    p.add_argument("--calibrate", nargs="?", const="", default=None, metavar="TEXTFILE",
+                   help="LLaMA-family GGUF / HF sources: run the model on calibration text (default: the text shipped "
+                        "with the package) and compress the layers in order, each from the activations of the "
+                        "already-compressed layers before it; --bits is then the average over all packed weights")
+    p.add_argument("--calibration-method", choices=("gptq", "importance"), default="gptq",
+                   help="with --calibrate: gptq = error feedback across columns (default), importance = weighted rounding only")
     p.add_argument("--max-shard-size", type=_size, default="4GiB", help="start a new shard past this size (default 4GiB)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--dry-run", action="store_true", help="show what would be packed and the estimated sizes; write nothing")
@@ -70,12 +76,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     if args.out is None and not args.dry_run:
         return _user_error(ValueError("OUT is required (or pass --dry-run)"))
+    calibrate = getattr(args, "calibrate", None)
+    if calibrate is not None and args.imatrix:
+        return _user_error(ValueError("pass either --calibrate or --imatrix, not both"))
     try:
         with _sigterm_as_interrupt():
+            importance, packed, qinfo = args.imatrix, None, None
+            if calibrate is not None and not args.dry_run:
+                packed, importance, qinfo = _calibrate(args)
             res = compress_checkpoint(
                 args.src, args.out, bits=args.bits, block_size=args.block_size, include=args.include,
-                exclude=args.exclude, importance=args.imatrix, max_shard_bytes=args.max_shard_size,
-                overwrite=args.force, dry_run=args.dry_run, progress=not args.json,
+                exclude=args.exclude, importance=importance, max_shard_bytes=args.max_shard_size,
+                overwrite=args.force, dry_run=args.dry_run, progress=not args.json, packed=packed,
+                quantization_info=qinfo,
             )
     except KeyboardInterrupt:
         print("predprey: interrupted; nothing was written", file=sys.stderr)
@@ -92,6 +105,31 @@ def cmd_compress(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {res['out']} ({t['files_bytes'] / 2**20:.1f} MiB in {t['shards']} shard(s))")
     return 0
+
+
+def _calibrate(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    from pathlib import Path
+
+    from .calibrate import calibrate_source, read_text
+
+    if args.out is not None and Path(args.out).exists() and not args.force:
+        raise FileExistsError(f"{args.out} already exists; remove it or pass --force")
+    text = read_text(args.calibrate or None)
+    print(f"calibrating on {args.calibrate or 'the default calibration text'} ({args.calibration_method}) ...",
+          file=sys.stderr, flush=True)
+    n = [0]
+
+    def on_layer(name: str, p: Any, s: float) -> None:
+        n[0] += 1
+        if not args.json:
+            print(f"\r  {n[0]} layers calibrated ({name}: {p.bits_per_weight:.2f} bits, {s:.1f} s)   ",
+                  end="", file=sys.stderr, flush=True)
+
+    packed, imp, info = calibrate_source(args.src, text, bits=args.bits, block_size=args.block_size,
+                                         method=args.calibration_method, on_layer=on_layer)
+    if not args.json:
+        print(file=sys.stderr)
+    return packed, imp, info
 
 
 # ---------------------------------------------------------------------------------- inspect
@@ -179,19 +217,18 @@ def _reserved(name: str, owner: str) -> int:
     return 2
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    return _reserved("eval", "end-to-end fidelity evaluation")
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     return _reserved("bench", "kernel benchmarks")
 
+
+from ._cli_eval import add_eval_args, cmd_eval  # noqa: E402
 
 # name -> (help, add_args, run)
 COMMANDS = {
     "compress": ("compress a model checkpoint (safetensors / HF directory / GGUF) into a packed checkpoint", add_compress_args, cmd_compress),
     "inspect": ("per-tensor table of a packed checkpoint", add_inspect_args, cmd_inspect),
     "demo": ("SmolLM2-135M-Instruct before and after compression, side by side", add_demo_args, cmd_demo),
-    "eval": ("(reserved) end-to-end fidelity evaluation", add_reserved_args, cmd_eval),
+    "eval": ("compress a LLaMA-family model with calibration and compare it with the original on a text "
+             "(perplexity, KL, top-1, bits/weight)", add_eval_args, cmd_eval),
     "bench": ("(reserved) kernel benchmarks", add_reserved_args, cmd_bench),
 }

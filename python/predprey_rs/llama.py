@@ -324,37 +324,49 @@ class LlamaModel:
         t = ids.shape[0]
         if cache is None:
             cache = KVCache(cfg, capacity=t)
-        pos0 = cache.length
-        pos = np.arange(pos0, pos0 + t)
-        nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        rep = nh // nkv
-        x = self.embedding[ids].astype(np.float32)
-        scale = np.float32(1.0 / np.sqrt(hd))
-        # causal mask: query i (position pos0+i) sees keys 0..pos0+i
-        mask = np.arange(pos0 + t)[None, :] > pos[:, None]  # (T, S)
-        for li, blk in enumerate(self.blocks):
-            h = _rms_norm(x, blk.attn_norm, cfg.rms_eps)
-            q = self._rope(blk.q(h).reshape(t, nh, hd), pos)
-            k = self._rope(blk.k(h).reshape(t, nkv, hd), pos)
-            v = blk.v(h).reshape(t, nkv, hd)
-            ks, vs = cache.store(li, k, v)  # (S, nkv, hd)
-            qg = q.reshape(t, nkv, rep, hd).transpose(1, 2, 0, 3).reshape(nkv, rep * t, hd)
-            s = qg @ ks.transpose(1, 2, 0) * scale  # (nkv, rep*T, S)
-            s = s.reshape(nkv, rep, t, -1)
-            s[:, :, mask] = -np.inf
-            s -= s.max(axis=-1, keepdims=True)
-            np.exp(s, out=s)
-            s /= s.sum(axis=-1, keepdims=True)
-            o = s.reshape(nkv, rep * t, -1) @ vs.transpose(1, 0, 2)  # (nkv, rep*T, hd)
-            o = o.reshape(nkv, rep, t, hd).transpose(2, 0, 1, 3).reshape(t, nh * hd)
-            x = x + blk.o(o)
-            h = _rms_norm(x, blk.ffn_norm, cfg.rms_eps)
-            x = x + blk.down(_silu(blk.gate(h)) * blk.up(h))
+        pos = np.arange(cache.length, cache.length + t)
+        x = self.embed(ids)
+        for li in range(len(self.blocks)):
+            x = self.block_step(li, x, pos, cache)
         cache.advance(t)
         if not all_logits:
             x = x[-1:]
         logits = self.head(_rms_norm(x, self.output_norm, cfg.rms_eps))
         return logits if all_logits else logits[0]
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """The hidden states (T, hidden) that enter block 0."""
+        return self.embedding[np.asarray(ids, dtype=np.int64)].astype(np.float32)
+
+    def block_step(self, li: int, x: np.ndarray, pos: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Block ``li`` applied to hidden states ``x`` (T, hidden) at positions ``pos`` (T,);
+        stores this block's keys and values in ``cache`` (``forward`` advances it after the
+        last block). Calibration runs the blocks one at a time through this."""
+        cfg = self.config
+        blk = self.blocks[li]
+        t = x.shape[0]
+        nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        rep = nh // nkv
+        scale = np.float32(1.0 / np.sqrt(hd))
+        # causal mask: query i (position pos[i]) sees keys 0..pos[i]
+        mask = np.arange(cache.length + t)[None, :] > pos[:, None]  # (T, S)
+        h = _rms_norm(x, blk.attn_norm, cfg.rms_eps)
+        q = self._rope(blk.q(h).reshape(t, nh, hd), pos)
+        k = self._rope(blk.k(h).reshape(t, nkv, hd), pos)
+        v = blk.v(h).reshape(t, nkv, hd)
+        ks, vs = cache.store(li, k, v)  # (S, nkv, hd)
+        qg = q.reshape(t, nkv, rep, hd).transpose(1, 2, 0, 3).reshape(nkv, rep * t, hd)
+        s = qg @ ks.transpose(1, 2, 0) * scale  # (nkv, rep*T, S)
+        s = s.reshape(nkv, rep, t, -1)
+        s[:, :, mask] = -np.inf
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        o = s.reshape(nkv, rep * t, -1) @ vs.transpose(1, 0, 2)  # (nkv, rep*T, hd)
+        o = o.reshape(nkv, rep, t, hd).transpose(2, 0, 1, 3).reshape(t, nh * hd)
+        x = x + blk.o(o)
+        h = _rms_norm(x, blk.ffn_norm, cfg.rms_eps)
+        return x + blk.down(_silu(blk.gate(h)) * blk.up(h))
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, stop_ids: Iterable[int] = (),
                  on_token: Callable[[int], None] | None = None) -> GenerateResult:

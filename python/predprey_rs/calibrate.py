@@ -1,0 +1,396 @@
+"""Calibration of LLaMA-family models through the runtime (``predprey_rs.llama``).
+
+The model is run on calibration text and, for every linear layer, the statistics of its input
+are collected: the importance vector (mean x^2 per input column, what llama.cpp's imatrix
+stores) and, for error feedback, the second-moment matrix H = X^T X / T.
+
+``quantize_model`` compresses the layers **in order**: block by block, and inside a block in the
+order the data flows (q/k/v, then o, then gate/up, then down). Each layer's statistics are taken
+from the model whose earlier layers are already compressed, so the quantizer sees (and can
+compensate) the errors that reach it, instead of errors compounding unseen.
+
+Methods:
+
+* ``"importance"``: ``compress(w, bits, importance=mean x^2)`` per layer.
+* ``"gptq"``: the same options (planes per cell, predators per row and block) from a first
+  importance-weighted pass, then GPTQ-style error feedback across columns: blocks of
+  ``block_size`` columns are fitted one after another (``_core.fit_block``: scales for the
+  fixed options), each column is rounded to the nearest of its row's levels and its error,
+  scaled by the inverse Hessian, is pushed onto the columns not yet quantized.
+
+Bit allocation: ``bits`` is the average over all packed weights; ``type_offsets`` (e.g.
+``{"attn_v": +0.5}``) moves bits between layer types, the rest of the model paying for it
+evenly, so the average stays ``bits``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ._core import PackedMatrix
+
+__all__ = [
+    "LayerStats",
+    "default_calibration_text",
+    "calibration_ids",
+    "collect_stats",
+    "quantize_model",
+    "layer_bits",
+    "gptq_quantize",
+    "DEFAULT_TYPE_OFFSETS",
+    "load_llama",
+    "calibrate_source",
+]
+
+# Per-type bit offsets used by ``--calibrate`` (see docs/fidelity.md for how they were chosen:
+# on the calibration text, never on the held-out text).
+DEFAULT_TYPE_OFFSETS: dict[str, float] = {}
+
+# attribute of llama._Block -> GGUF suffix, and the order the data reaches them inside a block
+_ATTR = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
+         "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+_STAGES: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+
+def default_calibration_text() -> str:
+    """The calibration text shipped with the package (``predprey_rs/data/calibration.txt``)."""
+    return resources.files("predprey_rs").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+
+
+def calibration_ids(tokenizer: Any, text: str | None = None, chunk: int = 1024) -> list[list[int]]:
+    """The calibration text (default: the shipped one) as token sequences of at most ``chunk``."""
+    ids = tokenizer.encode(default_calibration_text() if text is None else text)
+    if not ids:
+        raise ValueError("the calibration text has no tokens")
+    return [ids[i: i + chunk] for i in range(0, len(ids), chunk)]
+
+
+@dataclass
+class LayerStats:
+    """Input statistics of one linear layer: ``n`` rows (tokens) seen, ``sq`` = sum of x^2 per
+    column (K,), ``xtx`` = X^T X (K, K) when collected (float64)."""
+
+    n: int
+    sq: np.ndarray
+    xtx: np.ndarray | None = None
+
+    def add(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
+        self.n += x.shape[0]
+        self.sq += np.einsum("ij,ij->j", x, x)
+        if self.xtx is not None:
+            self.xtx += x.T @ x
+
+    @property
+    def importance(self) -> np.ndarray:
+        """Mean x^2 per input column, float32 (K,)."""
+        return (self.sq / max(self.n, 1)).astype(np.float32)
+
+    @property
+    def hessian(self) -> np.ndarray:
+        """X^T X / n, float64 (K, K)."""
+        if self.xtx is None:
+            raise ValueError("these statistics were collected without the second-moment matrix")
+        return self.xtx / max(self.n, 1)
+
+
+class _Tap:
+    """Stands in for a ``Linear`` of a block: records its input, then calls it."""
+
+    def __init__(self, lin: Any, stats: LayerStats):
+        self.lin, self.stats = lin, stats
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.stats.add(x)
+        return self.lin(x)
+
+
+def _new_stats(k: int, want_h: bool) -> LayerStats:
+    return LayerStats(0, np.zeros(k), np.zeros((k, k)) if want_h else None)
+
+
+def collect_stats(model: Any, sequences: Sequence[Sequence[int]], want_h: bool = False) -> dict[str, LayerStats]:
+    """Input statistics of every linear layer of the blocks, from one forward pass per
+    sequence of the model as it is (no quantization). {GGUF name: LayerStats}."""
+    from .llama import KVCache
+
+    stats: dict[str, LayerStats] = {}
+    saved = []
+    for i, blk in enumerate(model.blocks):
+        for attr, suf in _ATTR.items():
+            lin = getattr(blk, attr)
+            st = stats[f"blk.{i}.{suf}.weight"] = _new_stats(lin.shape[1], want_h)
+            saved.append((blk, attr, lin))
+            setattr(blk, attr, _Tap(lin, st))
+    try:
+        for ids in sequences:
+            model.forward(ids, KVCache(model.config, capacity=len(ids)), all_logits=False)
+    finally:
+        for blk, attr, lin in saved:
+            setattr(blk, attr, lin)
+    return stats
+
+
+def layer_bits(model: Any, bits: float, type_offsets: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Bits per layer (GGUF name -> bits) whose weight-weighted mean is ``bits``: each type gets
+    ``bits + offset``, then every layer the same correction so the mean comes out right."""
+    offs = dict(type_offsets or {})
+    unknown = set(offs) - set(_ATTR.values())
+    if unknown:
+        raise ValueError(f"unknown layer types {sorted(unknown)}; expected some of {list(_ATTR.values())}")
+    sizes, want = {}, {}
+    for i, blk in enumerate(model.blocks):
+        for attr, suf in _ATTR.items():
+            n, k = getattr(blk, attr).shape
+            name = f"blk.{i}.{suf}.weight"
+            sizes[name] = n * k
+            want[name] = bits + offs.get(suf, 0.0)
+    total = sum(sizes.values())
+    corr = bits - sum(sizes[n] * want[n] for n in sizes) / total
+    return {n: want[n] + corr for n in sizes}
+
+
+def quantize_model(
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    bits: float | Mapping[str, float] = 3.0,
+    block_size: int = 64,
+    method: str = "importance",
+    sequential: bool = True,
+    damp: float = 0.01,
+    on_layer: Callable[[str, PackedMatrix, float], None] | None = None,
+) -> tuple[dict[str, PackedMatrix], dict[str, np.ndarray]]:
+    """Compresses every linear layer of ``model`` (a ``LlamaModel`` with dense weights) with
+    statistics from ``sequences`` (token id lists). ``bits``: one budget for all layers or
+    {GGUF name: bits} (``layer_bits``). ``method``: "importance" or "gptq". ``sequential``: take
+    each layer's statistics from the partially compressed model (else from the original in one
+    pass). The model is left as it was. Returns ({GGUF name: PackedMatrix}, {GGUF name:
+    importance vector})."""
+    from . import compress
+    from .llama import KVCache, Linear
+
+    if method not in ("importance", "gptq"):
+        raise ValueError(f"method is {method!r}; expected 'importance' or 'gptq'")
+    want_h = method == "gptq"
+    seqs = [np.asarray(s, dtype=np.int64) for s in sequences]
+    if not seqs or any(s.size == 0 for s in seqs):
+        raise ValueError("calibration needs at least one non-empty token sequence")
+
+    def budget(name: str) -> float:
+        return float(bits[name]) if isinstance(bits, Mapping) else float(bits)
+
+    def pack(name: str, w: np.ndarray, st: LayerStats) -> PackedMatrix:
+        t0 = time.perf_counter()
+        h = st.importance
+        if not np.any(h > 0):
+            h = None
+        if method == "gptq":
+            p = gptq_quantize(w, st.hessian, budget(name), block_size, damp=damp)
+        else:
+            p = compress(w, bits=budget(name), block_size=block_size, importance=h)
+        if on_layer is not None:
+            on_layer(name, p, time.perf_counter() - t0)
+        return p
+
+    packed: dict[str, PackedMatrix] = {}
+    importance: dict[str, np.ndarray] = {}
+    if not sequential:
+        stats = collect_stats(model, seqs, want_h)
+        for name, st in stats.items():
+            packed[name] = pack(name, _dense(model.weights[name]), st)
+            importance[name] = st.importance
+        return packed, importance
+
+    cfg = model.config
+    xs = [model.embed(s) for s in seqs]
+    poss = [np.arange(s.size) for s in seqs]
+    caches = [KVCache(cfg, capacity=s.size) for s in seqs]  # length stays 0: each run rewrites it
+    originals = [{a: getattr(b, a) for a in _ATTR} for b in model.blocks]
+    try:
+        for li, blk in enumerate(model.blocks):
+            for stage in _STAGES:
+                stats = {a: _new_stats(getattr(blk, a).shape[1], want_h) for a in stage}
+                for a in stage:
+                    setattr(blk, a, _Tap(getattr(blk, a), stats[a]))
+                try:
+                    for x, pos, cache in zip(xs, poss, caches):
+                        _run_until(model, li, x, pos, cache, stage)
+                finally:
+                    for a in stage:
+                        setattr(blk, a, originals[li][a])
+                for a in stage:
+                    name = f"blk.{li}.{_ATTR[a]}.weight"
+                    packed[name] = pack(name, _dense(model.weights[name]), stats[a])
+                    importance[name] = stats[a].importance
+                    setattr(blk, a, Linear(packed[name]))
+            xs = [model.block_step(li, x, pos, cache) for x, pos, cache in zip(xs, poss, caches)]
+    finally:
+        for blk, orig in zip(model.blocks, originals):
+            for a, lin in orig.items():
+                setattr(blk, a, lin)
+    return packed, importance
+
+
+class _StopBlock(Exception):
+    pass
+
+
+def _run_until(model: Any, li: int, x: np.ndarray, pos: np.ndarray, cache: Any, stage: tuple[str, ...]) -> None:
+    """Runs block ``li`` far enough that the layers of ``stage`` have seen their input."""
+    blk = model.blocks[li]
+    later = [a for s in _STAGES[_STAGES.index(stage) + 1:] for a in s]
+    saved = {a: getattr(blk, a) for a in later[:1]}
+
+    def stop(_x: np.ndarray) -> np.ndarray:
+        raise _StopBlock
+
+    for a in saved:
+        setattr(blk, a, stop)
+    try:
+        model.block_step(li, x, pos, cache)
+    except _StopBlock:
+        pass
+    finally:
+        for a, lin in saved.items():
+            setattr(blk, a, lin)
+
+
+def _dense(v: Any) -> np.ndarray:
+    from .llama import _as_f32
+
+    if isinstance(v, PackedMatrix):
+        raise ValueError("quantize_model needs the dense (uncompressed) model")
+    return _as_f32(v)
+
+
+# --------------------------------------------------------------------------------- GPTQ
+
+_U = np.array([-1, -1, -1, 0, 0, 0, 1, 1, 1], dtype=np.int8)
+_V = np.array([-1, 0, 1, -1, 0, 1, -1, 0, 1], dtype=np.int8)
+
+
+def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: float, block_size: int = 64,
+                  damp: float = 0.01) -> PackedMatrix:
+    """Compresses ``w`` (N, K) minimising ||(W - Q) X||^2 for inputs with second moment
+    ``hessian`` (K, K) = X^T X / T, by error feedback across columns (GPTQ) inside the
+    format: the options of every cell (planes, predators per row and block) come from an
+    importance-weighted ``compress`` at ``bits``, so the size is that of ``compress``."""
+    from . import _core, compress
+
+    w = np.asarray(w, dtype=np.float32)
+    n, k = w.shape
+    hs = np.array(hessian, dtype=np.float64)
+    diag = np.diag(hs).copy()
+    dead = diag <= 0
+    hs[dead, dead] = 1.0
+    h = np.diag(hs).astype(np.float32)
+    first = compress(w, bits=bits, block_size=block_size, importance=h)
+    parts = _core.to_parts(first)
+    nb = parts["s1"].shape[1]
+    p2 = parts["p2"]
+    two_rows = np.repeat(p2, 5, axis=0)[:n]  # (N, nb)
+    npred_all = np.isfinite(parts["pred"])
+    hs[np.diag_indices(k)] += damp * float(np.mean(np.diag(hs)))
+    try:
+        u = np.linalg.cholesky(np.linalg.inv(hs)).T  # upper: Hinv = U^T U
+    except np.linalg.LinAlgError:
+        return first
+    u = u.astype(np.float32)
+    W = w.copy()
+    t1 = np.zeros((n, k), np.int8)
+    t2 = np.zeros((n, k), np.int8)
+    s1 = np.zeros((n, nb), np.float32)
+    s2 = np.zeros((n, nb), np.float32)
+    pred = np.full((n, k), np.nan, np.float32)
+    rows = np.arange(n)
+    for b in range(nb):
+        c0, c1 = b * block_size, min(k, (b + 1) * block_size)
+        planes = np.where(two_rows[:, b], 2, 1).astype(np.uint8)
+        npred = npred_all[:, c0:c1].sum(1).astype(np.uint8)
+        a_, b_, _, _, fpred = _core.fit_block(np.ascontiguousarray(W[:, c0:c1]), np.ascontiguousarray(h[c0:c1]),
+                                              planes, npred)
+        s1[:, b], s2[:, b] = a_, b_
+        ispred = np.isfinite(fpred)
+        lev = a_[:, None] * _U[None, :] + np.where(planes == 2, b_, 0)[:, None] * _V[None, :]  # (N, 9)
+        err = np.zeros((n, c1 - c0), np.float32)
+        idx_blk = np.zeros((n, c1 - c0), np.int64)
+        for jj in range(c1 - c0):
+            j = c0 + jj
+            col = W[:, j]
+            idx = np.abs(col[:, None] - lev).argmin(1)
+            q = lev[rows, idx]
+            pv = ispred[:, jj]
+            if pv.any():
+                q = np.where(pv, col.astype(np.float16).astype(np.float32), q)
+                pred[pv, j] = col[pv]
+            idx_blk[:, jj] = idx
+            e = (col - q) / u[j, j]
+            err[:, jj] = e
+            if jj + 1 < c1 - c0:
+                W[:, j + 1:c1] -= np.outer(e, u[j, j + 1:c1])
+        uu, vv = _U[idx_blk], _V[idx_blk]
+        uu[ispred] = 0
+        vv[ispred] = 0
+        vv[planes == 1] = 0
+        t1[:, c0:c1], t2[:, c0:c1] = uu, vv
+        if c1 < k:
+            W[:, c1:] -= err @ u[c0:c1, c1:]
+    s2[~two_rows] = 0
+    return _core.from_parts(block_size, t1, s1, p2, t2, s2, pred)
+
+
+def read_text(path: str | Path | None) -> str | None:
+    """The calibration text at ``path`` (None: the shipped default)."""
+    return None if path is None else Path(path).read_text(encoding="utf-8")
+
+
+def iter_linear_names(n_layers: int) -> Iterable[str]:
+    for i in range(n_layers):
+        for suf in _ATTR.values():
+            yield f"blk.{i}.{suf}.weight"
+
+
+def load_llama(src: str | Path) -> Any:
+    """The dense ``LlamaModel`` of a LLaMA-family source for calibration: a GGUF file or a
+    Hugging Face model directory (config.json + safetensors). Raises ValueError otherwise."""
+    from .llama import LlamaModel
+
+    p = Path(src)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return LlamaModel.from_gguf(p)
+    if p.is_dir() and (p / "config.json").is_file():
+        import json
+
+        cfg = json.loads((p / "config.json").read_text())
+        if cfg.get("quantization_config", {}).get("quant_method") == "predprey":
+            raise ValueError(f"{p} is already compressed; calibration needs the original model")
+        if "num_attention_heads" not in cfg:
+            raise ValueError(f"{p}/config.json is not a LLaMA-family config; use --imatrix instead of --calibrate")
+        return LlamaModel.from_checkpoint(p)
+    raise ValueError(f"--calibrate runs the model, so SRC must be a LLaMA-family GGUF file or Hugging Face "
+                     f"directory; {p} is neither (use --imatrix FILE for other models)")
+
+
+def calibrate_source(src: str | Path, text: str | None = None, bits: float = 3.0, block_size: int = 64,
+                     method: str = "gptq", type_offsets: Mapping[str, float] | None = None,
+                     on_layer: Callable[[str, PackedMatrix, float], None] | None = None,
+                     ) -> tuple[dict[str, PackedMatrix], dict[str, np.ndarray], dict]:
+    """Loads ``src`` (``load_llama``), calibrates on ``text`` (default: the shipped text) and
+    compresses every linear layer in order (``quantize_model``) with ``bits`` as the average
+    over the layers. Returns (packed, importance, info for the checkpoint's config)."""
+    model = load_llama(src)
+    seqs = calibration_ids(model.tokenizer, text) if model.tokenizer is not None else None
+    if seqs is None:
+        raise ValueError(f"{src} has no tokenizer to encode the calibration text with")
+    offs = DEFAULT_TYPE_OFFSETS if type_offsets is None else type_offsets
+    budget = layer_bits(model, bits, offs)
+    packed, imp = quantize_model(model, seqs, budget, block_size, method=method, on_layer=on_layer)
+    info = {"calibration": {"method": method, "sequential": True, "tokens": sum(len(s) for s in seqs),
+                            "text": "default" if text is None else "user", "type_offsets": dict(offs)}}
+    return packed, imp, info
