@@ -55,7 +55,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 def run(model_path: str | None = None, bits: float = 3.0, block_size: int = 64, prompt: str = DEFAULT_PROMPT,
         max_new_tokens: int = 48, device: str = "auto", out: TextIO | None = None, progress: bool = True) -> dict:
     """Runs the demo, printing to ``out`` (stdout); returns the figures as a dict."""
-    from . import compress, decompress
+    from . import decompress
     from .llama import LlamaModel
     from .sources import GGUFSource
 
