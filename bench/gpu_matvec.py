@@ -202,11 +202,35 @@ def main(argv=None) -> int:
             sweep_mats[shape] = mats
         del mats, dens
 
-    sweep = []
+    result = {"adapter": info, "copy_gbps": copy["gbps"], "l2_mb": l2 >> 20, "rows": rows, "sweep": [],
+              "seconds": time.perf_counter() - t_start}
+
+    def emit() -> None:
+        result["seconds"] = time.perf_counter() - t_start
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(result, f, indent=1, default=float)
+
+    emit()  # the main table is safe before the (optional, longer) sweep starts
+    if not args.json:
+        print_table(info, copy, l2, rows)
     if args.sweep:
-        old = os.environ.get("PREDPREY_GPU_TUNE")
+        sweep(args, ctx, rng, l2, cap, trials, sweep_mats, result, emit)
+        if not args.json:
+            print_sweep(result["sweep"], rows, copy)
+    if args.json:
+        print(json.dumps(result, indent=1, default=float))
+    else:
+        print(f"({result['seconds']:.0f} s)")
+    return 0
+
+
+def sweep(args, ctx, rng, l2, cap, trials, sweep_mats, result, emit) -> None:
+    """Launch shapes (wg, gpw, direct) at batch 1 on SWEEP_SHAPES; result["sweep"] grows as it goes."""
+    old = os.environ.get("PREDPREY_GPU_TUNE")
+    try:
         for (n, k) in SWEEP_SHAPES:
-            mats = sweep_mats.get((n, k)) or [
+            mats = sweep_mats.pop((n, k), None) or [
                 gpu.upload(_synth.random_packed(rng, n, k, block_size=args.block_size, plane2=args.plane2,
                                                 predators=args.predators))
                 for _ in range(copies_for(20 << 20, l2, cap))]
@@ -215,23 +239,18 @@ def main(argv=None) -> int:
                     for direct in (0, 1, 2):
                         os.environ["PREDPREY_GPU_TUNE"] = f"wg={wg},gpw={gpw},direct={direct}"
                         s, _ = time_ours(ctx, mats, 1, min(trials, 5))
-                        sweep.append({"shape": f"{n}x{k}", "wg": wg, "gpw": gpw, "direct": direct,
-                                      "us": s["median_s"] * 1e6, "gbps": mats[0].nbytes / s["median_s"] / 1e9})
+                        result["sweep"].append({"shape": f"{n}x{k}", "wg": wg, "gpw": gpw, "direct": direct,
+                                                "us": s["median_s"] * 1e6, "gbps": mats[0].nbytes / s["median_s"] / 1e9})
+                emit()
             del mats
-            sweep_mats.pop((n, k), None)
+    finally:
         if old is None:
             os.environ.pop("PREDPREY_GPU_TUNE", None)
         else:
             os.environ["PREDPREY_GPU_TUNE"] = old
 
-    result = {"adapter": info, "copy_gbps": copy["gbps"], "l2_mb": l2 >> 20, "rows": rows, "sweep": sweep,
-              "seconds": time.perf_counter() - t_start}
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=1, default=float)
-    if args.json:
-        print(json.dumps(result, indent=1, default=float))
-        return 0
+
+def print_table(info, copy, l2, rows) -> None:
     print(f"\n{info['device']} via {info['backend']}, kernel {info['kernel_variant']}, timer {rows[0]['timer'] if rows else '-'}; "
           f"copy bandwidth {copy['gbps']:.1f} GB/s (read + write); cold = rotating over > 3x L2 ({l2 >> 20} MiB)")
     head = ["shape", "B", "bits/w", "ours us", "spread", "GB/s", "% copy", "hot GB/s", "dense f16 us", "x dense"]
@@ -251,21 +270,20 @@ def main(argv=None) -> int:
         body.append(line)
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     for line in [head] + body:
-        print("  ".join(x.rjust(w) for x, w in zip(line, widths)))
-    if sweep:
-        print("\nlaunch sweep, batch 1 (cold), best 5 of each shape and the default (wg by K, gpw=1, direct=2):")
-        for shape in dict.fromkeys(s["shape"] for s in sweep):
-            mine = sorted((s for s in sweep if s["shape"] == shape), key=lambda s: s["us"])
-            default = [r for r in rows if r["shape"] == shape and r["batch"] == 1]
-            for s in mine[:5]:
-                print(f"  {shape:>10} wg={s['wg']:<4} gpw={s['gpw']} direct={s['direct']}  {s['us']:8.1f} us  "
-                      f"{s['gbps']:7.4g} GB/s  {100 * s['gbps'] / copy['gbps']:.0f}% of copy")
-            if default:
-                print(f"  {shape:>10} default               {default[0]['ours_us']:8.1f} us  "
-                      f"{default[0]['ours_gbps']:7.4g} GB/s  {default[0]['pct_of_copy']:.0f}% of copy")
-    print(f"({result['seconds']:.0f} s)")
-    return 0
+        print("  ".join(x.rjust(w) for x, w in zip(line, widths)), flush=True)
 
+
+def print_sweep(sweep_rows, rows, copy) -> None:
+    print("\nlaunch sweep, batch 1 (cold), best 5 of each shape and the default (wg by K, gpw=1, direct=2):")
+    for shape in dict.fromkeys(s["shape"] for s in sweep_rows):
+        mine = sorted((s for s in sweep_rows if s["shape"] == shape), key=lambda s: s["us"])
+        default = [r for r in rows if r["shape"] == shape and r["batch"] == 1]
+        for s in mine[:5]:
+            print(f"  {shape:>10} wg={s['wg']:<4} gpw={s['gpw']} direct={s['direct']}  {s['us']:8.1f} us  "
+                  f"{s['gbps']:7.4g} GB/s  {100 * s['gbps'] / copy['gbps']:.0f}% of copy")
+        if default:
+            print(f"  {shape:>10} default               {default[0]['ours_us']:8.1f} us  "
+                  f"{default[0]['ours_gbps']:7.4g} GB/s  {default[0]['pct_of_copy']:.0f}% of copy")
 
 if __name__ == "__main__":
     sys.exit(main())
