@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="4096x14336,14336x4096,8192x28672", help="NxK list (N outputs, K inputs)")
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--block-size", type=int, default=64, choices=(32, 64, 128, 256))
-    ap.add_argument("--plane2", type=float, default=0.45, help="fraction of (group, block) cells with a plane-2 entry")
+    ap.add_argument("--plane2", type=float, default=0.5, help="fraction of (group, block) cells with a plane-2 entry (compress at 3.0 bits gives ~0.5 on MiniLM)")
     ap.add_argument("--predators", type=float, default=0.005, help="fraction of weights kept as FP16 predators")
     ap.add_argument("--l2-mb", type=int, help="L2 size used for the rotation (default: known GPUs, else 64; CPU: LLC)")
     ap.add_argument("--trials", type=int, default=7)

@@ -25,9 +25,10 @@ from predprey_rs import _synth
 pytestmark = pytest.mark.gpu
 
 # Tolerance on max|y - y_ref| / max|y_ref|. The GPU sums in float32 in another order than the
-# float64 oracle, and its decode forms S_i - 3 S_{i+1} from partial sums whose terms are up to
-# ~60x the ternary ones (balanced-ternary prefixes), so it loses a few bits more than a plain
-# float32 dot product: measured 1e-7 .. 5e-6 on every shape here. 1e-4 is the bound.
+# float64 oracle; rows 2-4 of a group are recovered as S_i - 3 S_{i+1} from sums whose terms are
+# up to ~8x the ternary ones, so it may lose a few bits more than a plain float32 dot product:
+# measured 1e-7 .. 1.5e-6 on every shape here (numpy's float32 W @ x: ~4e-7). 1e-4 is the
+# issue's bound, with a margin for the launch variants (PREDPREY_GPU_TUNE direct=0: ~1.2e-5).
 TOL = 1e-4
 BLOCKS = (32, 64, 128, 256)
 
