@@ -9,7 +9,7 @@ One device is created lazily and shared. ``PREDPREY_GPU_ADAPTER`` picks the adap
 must all appear (case-insensitive) in "backend device vendor description adapter_type", e.g.
 ``vulkan``, ``opengl llvmpipe``, ``nvidia``. ``PREDPREY_GPU_SUBGROUPS=0`` forces the
 shared-memory kernel even where the adapter has subgroups. The kernels are
-``shaders/predprey_gemv.wgsl`` with ``reduce_subgroup.wgsl`` (adapters with the "subgroup"
+``shaders/predprey_gemv1.wgsl`` (batch 1) and ``shaders/predprey_gemv.wgsl`` (batches), each with ``reduce_subgroup.wgsl`` (adapters with the "subgroup"
 feature) or ``reduce_workgroup.wgsl`` (all others); their header comments give the buffer layout.
 """
 
@@ -307,7 +307,8 @@ class _Chunk:
 
 
 def _tune() -> dict:
-    """PREDPREY_GPU_TUNE="wg=128,gpw=2": overrides of the launch heuristics (for benchmarks)."""
+    """PREDPREY_GPU_TUNE="wg=128,gpw=2": overrides of the launch heuristics (for benchmarks).
+    Keys: wg, gpw, direct, fast (0: batch 1 on the general kernel instead of predprey_gemv1)."""
     out = {}
     for part in os.environ.get("PREDPREY_GPU_TUNE", "").replace(";", ",").split(","):
         if "=" in part:
@@ -439,32 +440,44 @@ class GpuMatrix:
                 entries=[{"binding": i, "resource": {"buffer": r, "offset": 0, "size": r.size}} for i, r in enumerate(res)],
             )
 
-    def _launch_config(self, batch: int) -> tuple[int, int, int, int, int]:
-        """(NB, slices, GPW, WG, DIRECT) for a batch of `batch` rows."""
-        nb = min(batch, _MAX_NB)
-        slices = -(-batch // nb)
-        kp16 = self._kp // 16
-        gpw = 1  # more row groups per workgroup only trade registers for x reuse (see the bench sweep)
-        wg = 32 if kp16 <= 64 else 64 if kp16 <= 512 else 128 if kp16 <= 2048 else 256
+    def _launch_config(self, batch: int) -> tuple[int, int, int, int, int, bool]:
+        """(NB, slices, GPW, WG, DIRECT, fast) for a batch of `batch` rows. ``fast``: the batch-1
+        kernel predprey_gemv1.wgsl, one z slice per batch row (NB = GPW = 1); else
+        predprey_gemv.wgsl with NB batch rows per slice."""
         t = _tune()
-        wg = int(t.get("wg", wg))
-        gpw = int(t.get("gpw", gpw))
+        kp16 = self._kp // 16
         direct = int(t.get("direct", 2))
+        fast = bool(t.get("fast", 1)) and batch == 1
+        if fast:
+            nb, slices, gpw = 1, batch, 1
+            wg = 64 if kp16 <= 256 else 128 if kp16 <= 1024 else 256
+        else:
+            nb = min(batch, _MAX_NB)
+            slices = -(-batch // nb)
+            gpw = 1  # more row groups per workgroup only trade registers for x reuse (see the bench sweep)
+            wg = 32 if kp16 <= 64 else 64 if kp16 <= 512 else 128 if kp16 <= 2048 else 256
+            gpw = int(t.get("gpw", gpw))
+        wg = int(t.get("wg", wg))
         if wg not in (32, 64, 128, 256) or gpw < 1 or 5 * gpw * nb > 40 or direct not in (0, 1, 2):
             raise ValueError(f"PREDPREY_GPU_TUNE gives wg={wg}, gpw={gpw}, direct={direct}; need wg in "
                              "32..256 (a power of 2), gpw*NB <= 8, direct in 0..2")
-        return nb, slices, gpw, wg, direct
+        return nb, slices, gpw, wg, direct, fast
 
-    def _pipeline(self, nb: int, gpw: int, wg: int, direct: int):
-        const = {"WG": wg, "NB": nb, "GPW": gpw, "DIRECT": direct}
+    def _pipeline(self, nb: int, gpw: int, wg: int, direct: int, fast: bool = False):
+        if fast:
+            const = {"WG": wg, "DIRECT": direct}
+            shader = "predprey_gemv1.wgsl"
+        else:
+            const = {"WG": wg, "NB": nb, "GPW": gpw, "DIRECT": direct}
+            shader = "predprey_gemv.wgsl"
         if self._ctx.subgroups:
             const["SG_SLOTS"] = max(1, wg // 4)
-        return self._ctx.pipeline("predprey_gemv.wgsl", _GEMV_KINDS, const)
+        return self._ctx.pipeline(shader, _GEMV_KINDS, const)
 
     def _prepare(self, batch: int):
-        nb, slices, gpw, wg, direct = self._launch_config(batch)
+        nb, slices, gpw, wg, direct, fast = self._launch_config(batch)
         self._ensure_capacity(slices * nb)
-        return self._pipeline(nb, gpw, wg, direct), nb, slices, gpw
+        return self._pipeline(nb, gpw, wg, direct, fast), nb, slices, gpw
 
     def _dispatch(self, cpass, batch: int, prepared=None) -> None:
         """Record the dispatches of one product of `batch` rows into an open compute pass."""

@@ -43,7 +43,7 @@ fn every_shader_is_embedded_and_has_a_layout_header() {
 
 #[test]
 fn kernels_validate_with_and_without_subgroups() {
-    for kernel in ["predprey_gemv.wgsl", "dense_gemv.wgsl"] {
+    for kernel in ["predprey_gemv.wgsl", "predprey_gemv1.wgsl", "dense_gemv.wgsl"] {
         // the fallback must need no optional capability at all
         validate(kernel, &composed(kernel, "reduce_workgroup.wgsl"), CORE).unwrap();
         validate(kernel, &composed(kernel, "reduce_subgroup.wgsl"), CORE | Capabilities::SUBGROUP).unwrap();

@@ -1,0 +1,235 @@
+// predprey_gemv1.wgsl: the fast batch-1 kernel, y = W x straight from the packed format v1
+// (FORMAT.md); batches run as one z slice per batch row. Same bindings, Params and decode
+// identity as predprey_gemv.wgsl (its header explains both); this file differs in how work is
+// laid out, for throughput on real GPUs:
+//   * no private array is indexed inside a loop: the five rows of the group are five scalar
+//     accumulators (struct Acc5), the per-byte decode is written out for the four bytes of a word;
+//   * one workgroup per row group, WG threads (64..256) over its Kp / 16 vec4<u32> of codes:
+//     consecutive threads read consecutive 16 bytes (coalesced), x as vec4<f32> (L1/L2 resident);
+//     two chunks per loop iteration with all their loads issued first;
+//   * 16 columns of a chunk all lie in one block (B >= 32): their integer-weighted sums are scaled
+//     once per chunk and row;
+//   * plane 2 and the predators of the group's five rows are one flat list of small items spread
+//     over the threads, their CSR pointers read before plane 1 so that their latency is hidden.
+//
+// Load together with exactly one of reduce_subgroup.wgsl / reduce_workgroup.wgsl (appended
+// after this file); it provides `fn reduce_acc(lid: u32, n: u32)` and `red`.
+//
+// Buffer layout (as predprey_gemv.wgsl with NB = 1 per z slice, GPW = 1):
+//   @binding(0) P        uniform Params.
+//   @binding(1) x        f32 [S, Kp] as vec4<f32>: input rows, zero past column K.
+//   @binding(2) y        f32 [S, P.y_stride]: outputs; this chunk writes row0 .. row0+rows.
+//   @binding(3) codes    u8  [G, Kp]   plane-1 codes, base 3 over the 5 rows of a group.
+//   @binding(4) scales   f16 [N, nb]   plane-1 block scales.
+//   @binding(5) p2codes  u8  [E, B]    plane-2 codes of each entry.
+//   @binding(6) aux      u32 words: p2_ptr, p2_block, p2_scales, out_ptr, out_cols, out_vals at
+//                        the word offsets of Params (see predprey_gemv.wgsl).
+
+struct Params {
+    rows: u32,
+    groups: u32,
+    row0: u32,
+    y_stride: u32,
+    kp16: u32,
+    x_stride4: u32,
+    nb: u32,
+    log2_b: u32,
+    grid_x: u32,
+    cols_u16: u32,
+    off_p2_block: u32,
+    off_p2_scales: u32,
+    off_out_ptr: u32,
+    off_out_cols: u32,
+    off_out_vals: u32,
+    magic_a: f32,
+    magic_b: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read> codes: array<vec4<u32>>;
+@group(0) @binding(4) var<storage, read> scales: array<u32>;
+@group(0) @binding(5) var<storage, read> p2codes: array<vec4<u32>>;
+@group(0) @binding(6) var<storage, read> aux: array<u32>;
+
+override WG: u32 = 128u;     // threads per workgroup, a power of two
+override DIRECT: u32 = 2u;   // rows 0 .. DIRECT-1 (at most 2) accumulate t_i directly
+
+const ACC_N: u32 = 5u;       // what the reduction sums: one value per row of the group
+const INV3: f32 = 1.0 / 3.0;
+const INV9: f32 = 1.0 / 9.0;
+const INV27: f32 = 1.0 / 27.0;
+const INV81: f32 = 1.0 / 81.0;
+
+var<private> acc: array<f32, ACC_N>;   // only filled (constant indices) for the reduction
+var<private> mag_a: f32;
+var<private> mag_b: f32;
+
+struct Acc5 {
+    a0: f32,
+    a1: f32,
+    a2: f32,
+    a3: f32,
+    a4: f32,
+}
+
+// s += R_i(v) * xk (t_i for rows below DIRECT) for one code byte v (0..255, masked by the caller)
+fn byte5(v: u32, xk: f32, s: Acc5) -> Acc5 {
+    let r0 = bitcast<f32>(v | 0x4B000000u) - 8388729.0;   // v - 121, exact
+    let r1 = fma(r0, INV3, mag_a) - mag_b;
+    let r2 = fma(r0, INV9, mag_a) - mag_b;
+    let r3 = fma(r0, INV27, mag_a) - mag_b;
+    let r4 = fma(r0, INV81, mag_a) - mag_b;
+    let d0 = select(r0, fma(-3.0, r1, r0), DIRECT >= 1u);
+    let d1 = select(r1, fma(-3.0, r2, r1), DIRECT >= 2u);
+    return Acc5(fma(d0, xk, s.a0), fma(d1, xk, s.a1), fma(r2, xk, s.a2), fma(r3, xk, s.a3), fma(r4, xk, s.a4));
+}
+
+fn word5(w: u32, xv: vec4<f32>, s: Acc5) -> Acc5 {
+    var o = byte5(w & 0xFFu, xv.x, s);
+    o = byte5((w >> 8u) & 0xFFu, xv.y, o);
+    o = byte5((w >> 16u) & 0xFFu, xv.z, o);
+    o = byte5(w >> 24u, xv.w, o);
+    return o;
+}
+
+// 16 columns: codes q against x[xv4 .. xv4+4] (vec4 index), sums per row S_i (t_i below DIRECT)
+fn chunk16(q: vec4<u32>, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>) -> Acc5 {
+    var s = Acc5(0.0, 0.0, 0.0, 0.0, 0.0);
+    s = word5(q.x, x0, s);
+    s = word5(q.y, x1, s);
+    s = word5(q.z, x2, s);
+    s = word5(q.w, x3, s);
+    return s;
+}
+
+// a_i += sc_i * t_i with t_i = S_i - 3 S_{i+1} (rows at or past DIRECT; row 4 is S_4 itself)
+fn combine(a: Acc5, s: Acc5, c0: f32, c1: f32, c2: f32, c3: f32, c4: f32) -> Acc5 {
+    let t0 = select(fma(-3.0, s.a1, s.a0), s.a0, DIRECT >= 1u);
+    let t1 = select(fma(-3.0, s.a2, s.a1), s.a1, DIRECT >= 2u);
+    let t2 = fma(-3.0, s.a3, s.a2);
+    let t3 = fma(-3.0, s.a4, s.a3);
+    return Acc5(fma(c0, t0, a.a0), fma(c1, t1, a.a1), fma(c2, t2, a.a2), fma(c3, t3, a.a3), fma(c4, s.a4, a.a4));
+}
+
+fn f16_at(off: u32, i: u32) -> f32 {
+    let h = unpack2x16float(aux[off + (i >> 1u)]);
+    return select(h.x, h.y, (i & 1u) == 1u);
+}
+
+fn scale_at(k: u32) -> f32 {
+    let h = unpack2x16float(scales[k >> 1u]);
+    return select(h.x, h.y, (k & 1u) == 1u);
+}
+
+fn u16_at(off: u32, i: u32) -> u32 {
+    return (aux[off + (i >> 1u)] >> ((i & 1u) * 16u)) & 0xFFFFu;
+}
+
+// plane-1 scales of the group's five rows (first row index rb, clamped to the chunk) in block blk
+fn add_chunk(a: Acc5, q: vec4<u32>, xb: u32, rb: u32, blk: u32) -> Acc5 {
+    let x0 = x[xb];
+    let x1 = x[xb + 1u];
+    let x2 = x[xb + 2u];
+    let x3 = x[xb + 3u];
+    let last = P.rows - 1u;
+    let nb = P.nb;
+    let c0 = scale_at(min(rb, last) * nb + blk);
+    let c1 = scale_at(min(rb + 1u, last) * nb + blk);
+    let c2 = scale_at(min(rb + 2u, last) * nb + blk);
+    let c3 = scale_at(min(rb + 3u, last) * nb + blk);
+    let c4 = scale_at(min(rb + 4u, last) * nb + blk);
+    return combine(a, chunk16(q, x0, x1, x2, x3), c0, c1, c2, c3, c4);
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = wg.x + wg.y * P.grid_x;
+    if (g >= P.groups) {
+        return;
+    }
+    mag_a = P.magic_a;
+    mag_b = P.magic_b;
+    let xrow = wg.z * P.x_stride4;   // this z slice's x row, in vec4
+    let rb = g * 5u;
+    let kp16 = P.kp16;
+    let sh4 = P.log2_b - 4u;         // log2(vec4<u32> per block)
+
+    // pointers of the small work (plane 2, predators), read now, used after plane 1
+    let e0 = aux[g];
+    let e1 = aux[g + 1u];
+    let op = P.off_out_ptr;
+    let rl = P.rows;
+    let m0 = aux[op + rb];
+    let p1 = aux[op + min(rb + 1u, rl)];
+    let p2 = aux[op + min(rb + 2u, rl)];
+    let p3 = aux[op + min(rb + 3u, rl)];
+    let p4 = aux[op + min(rb + 4u, rl)];
+    let m1 = aux[op + min(rb + 5u, rl)];
+
+    var a = Acc5(0.0, 0.0, 0.0, 0.0, 0.0);
+
+    // ---- plane 1: 16 columns per thread-step, two steps per iteration
+    let cb = g * kp16;
+    for (var c = lid; c < kp16; c += 2u * WG) {
+        let c1 = c + WG;
+        let has1 = c1 < kp16;
+        let cc1 = select(c, c1, has1);
+        let q0 = codes[cb + c];
+        let q1 = codes[cb + cc1];
+        a = add_chunk(a, q0, xrow + c * 4u, rb, c >> sh4);
+        if (has1) {
+            a = add_chunk(a, q1, xrow + cc1 * 4u, rb, cc1 >> sh4);
+        }
+    }
+
+    // ---- plane 2 entries (B / 16 items each) then predators (one item each), one flat list
+    let n2 = (e1 - e0) << sh4;
+    let nitems = n2 + (m1 - m0);
+    let mask4 = (1u << sh4) - 1u;
+    for (var t = lid; t < nitems; t += WG) {
+        if (t < n2) {
+            let e = e0 + (t >> sh4);
+            let c = t & mask4;
+            let blk = u16_at(P.off_p2_block, e);
+            let q = p2codes[(e << sh4) + c];
+            let xb = xrow + (blk << (P.log2_b - 2u)) + c * 4u;
+            let s = chunk16(q, x[xb], x[xb + 1u], x[xb + 2u], x[xb + 3u]);
+            let so = P.off_p2_scales;
+            a = combine(a, s, f16_at(so, e * 5u), f16_at(so, e * 5u + 1u), f16_at(so, e * 5u + 2u),
+                        f16_at(so, e * 5u + 3u), f16_at(so, e * 5u + 4u));
+        } else {
+            let m = m0 + (t - n2);
+            var col: u32;
+            if (P.cols_u16 == 1u) {
+                col = u16_at(P.off_out_cols, m);
+            } else {
+                col = aux[P.off_out_cols + m];
+            }
+            let v = f16_at(P.off_out_vals, m) * x[xrow + (col >> 2u)][col & 3u];
+            a.a0 += select(0.0, v, m < p1);
+            a.a1 += select(0.0, v, m >= p1 && m < p2);
+            a.a2 += select(0.0, v, m >= p2 && m < p3);
+            a.a3 += select(0.0, v, m >= p3 && m < p4);
+            a.a4 += select(0.0, v, m >= p4);
+        }
+    }
+
+    // ---- one sum per row over the workgroup, one write per row
+    acc[0] = a.a0;
+    acc[1] = a.a1;
+    acc[2] = a.a2;
+    acc[3] = a.a3;
+    acc[4] = a.a4;
+    reduce_acc(lid, ACC_N);
+    if (lid < ACC_N) {
+        let r = rb + lid;
+        if (r < P.rows) {
+            y[wg.z * P.y_stride + P.row0 + r] = red[lid];
+        }
+    }
+}
