@@ -105,7 +105,7 @@ if b:
         print(f"goal at batch 1: >= 75% of copy (worst shape {pct:.0f}%), >= 4x dense f16 (worst {xd:.2f}x)")
     for shape in dict.fromkeys(s["shape"] for s in b.get("sweep", [])):
         best = min((s for s in b["sweep"] if s["shape"] == shape), key=lambda s: s["us"])
-        print(f"  best launch ({shape}, B=1): wg={best['wg']} gpw={best['gpw']} direct={best['direct']} "
+        print(f"  best launch ({shape}, B=1): fast={best.get('fast', 0)} wg={best['wg']} gpw={best['gpw']} direct={best['direct']} "
               f"{best['gbps']:.4g} GB/s ({100 * best['gbps'] / b['copy_gbps']:.0f}% of copy)")
 else:
     print("bench: no result (see bench.log)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GPU GEMV from the packed bytes vs the baselines, measured side by side in one run.
 
-For each shape and batch: our kernel (shaders/predprey_gemv.wgsl) timed by timestamp queries
+For each shape and batch: our kernel (shaders/predprey_gemv1.wgsl) timed by timestamp queries
 (wall clock where the adapter has none), many dispatches per submit, rotating over distinct
 matrices totalling > 3x the GPU's L2 ("cold") and on one matrix ("hot"); our dense FP16 WGSL
 GEMV on the same device (cold); a WGSL copy kernel for the achievable bandwidth; and, where
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-dense", action="store_true", help="skip the dense FP16 baseline")
     ap.add_argument("--no-torch", action="store_true", help="skip torch even where it is installed")
     ap.add_argument("--sweep", action="store_true",
-                    help="also time launch shapes (wg, gpw, direct) at batch 1 on 4096x14336 and 14336x4096")
+                    help="also time launch shapes (SWEEP_CONFIGS: fast, wg, direct) at batch 1 on 4096x14336 and 14336x4096")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--json-out", metavar="FILE", help="also write the JSON result to FILE")
     ap.add_argument("--seed", type=int, default=0)
@@ -225,8 +225,15 @@ def main(argv=None) -> int:
     return 0
 
 
+# launch shapes tried by --sweep at batch 1: the fast kernel (predprey_gemv1.wgsl) over its
+# workgroup sizes and DIRECT (2: rows 0-1 summed directly, exact to float32; 0: two FMAs fewer per
+# byte, ~1e-5 rel. error), plus the general kernel's best known shape for reference
+SWEEP_CONFIGS = ([{"fast": 1, "wg": wg, "gpw": 1, "direct": d} for wg in (64, 128, 256, 32) for d in (2, 0)]
+                 + [{"fast": 0, "wg": 64, "gpw": 1, "direct": 2}])
+
+
 def sweep(args, ctx, rng, l2, cap, trials, sweep_mats, result, emit) -> None:
-    """Launch shapes (wg, gpw, direct) at batch 1 on SWEEP_SHAPES; result["sweep"] grows as it goes."""
+    """Launch shapes (SWEEP_CONFIGS) at batch 1 on SWEEP_SHAPES; result["sweep"] grows as it goes."""
     old = os.environ.get("PREDPREY_GPU_TUNE")
     try:
         for (n, k) in SWEEP_SHAPES:
@@ -234,13 +241,11 @@ def sweep(args, ctx, rng, l2, cap, trials, sweep_mats, result, emit) -> None:
                 gpu.upload(_synth.random_packed(rng, n, k, block_size=args.block_size, plane2=args.plane2,
                                                 predators=args.predators))
                 for _ in range(copies_for(20 << 20, l2, cap))]
-            for wg in (32, 64, 128, 256):
-                for gpw in (1, 2, 4):
-                    for direct in (0, 1, 2):
-                        os.environ["PREDPREY_GPU_TUNE"] = f"wg={wg},gpw={gpw},direct={direct}"
-                        s, _ = time_ours(ctx, mats, 1, min(trials, 5))
-                        result["sweep"].append({"shape": f"{n}x{k}", "wg": wg, "gpw": gpw, "direct": direct,
-                                                "us": s["median_s"] * 1e6, "gbps": mats[0].nbytes / s["median_s"] / 1e9})
+            for cfg in SWEEP_CONFIGS:
+                os.environ["PREDPREY_GPU_TUNE"] = ",".join(f"{key}={v}" for key, v in cfg.items())
+                s, _ = time_ours(ctx, mats, 1, min(trials, 5))
+                result["sweep"].append({"shape": f"{n}x{k}", **cfg,
+                                        "us": s["median_s"] * 1e6, "gbps": mats[0].nbytes / s["median_s"] / 1e9})
                 emit()
             del mats
     finally:
@@ -274,12 +279,12 @@ def print_table(info, copy, l2, rows) -> None:
 
 
 def print_sweep(sweep_rows, rows, copy) -> None:
-    print("\nlaunch sweep, batch 1 (cold), best 5 of each shape and the default (wg by K, gpw=1, direct=2):")
+    print("\nlaunch sweep, batch 1 (cold), best 5 of each shape and the default (fast=1, wg by K, direct=2):")
     for shape in dict.fromkeys(s["shape"] for s in sweep_rows):
         mine = sorted((s for s in sweep_rows if s["shape"] == shape), key=lambda s: s["us"])
         default = [r for r in rows if r["shape"] == shape and r["batch"] == 1]
         for s in mine[:5]:
-            print(f"  {shape:>10} wg={s['wg']:<4} gpw={s['gpw']} direct={s['direct']}  {s['us']:8.1f} us  "
+            print(f"  {shape:>10} fast={s.get('fast', 0)} wg={s['wg']:<4} gpw={s['gpw']} direct={s['direct']}  {s['us']:8.1f} us  "
                   f"{s['gbps']:7.4g} GB/s  {100 * s['gbps'] / copy['gbps']:.0f}% of copy")
         if default:
             print(f"  {shape:>10} default               {default[0]['ours_us']:8.1f} us  "

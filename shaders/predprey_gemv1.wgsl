@@ -59,13 +59,13 @@ struct Params {
 override WG: u32 = 128u;     // threads per workgroup, a power of two
 override DIRECT: u32 = 2u;   // rows 0 .. DIRECT-1 (at most 2) accumulate t_i directly
 
-const ACC_N: u32 = 5u;       // what the reduction sums: one value per row of the group
+const ACC_N: u32 = 20u;      // what the reduction sums: 5 rows (main) or 5 rows x 4 batch rows (main4)
 const INV3: f32 = 1.0 / 3.0;
 const INV9: f32 = 1.0 / 9.0;
 const INV27: f32 = 1.0 / 27.0;
 const INV81: f32 = 1.0 / 81.0;
 
-var<private> acc: array<f32, ACC_N>;   // only filled (constant indices) for the reduction
+var<private> acc: array<f32, ACC_N>;   // only filled (constant indices) for the reduction: [i * 4 + b]
 var<private> mag_a: f32;
 var<private> mag_b: f32;
 
@@ -225,11 +225,158 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     acc[2] = a.a2;
     acc[3] = a.a3;
     acc[4] = a.a4;
-    reduce_acc(lid, ACC_N);
-    if (lid < ACC_N) {
+    reduce_acc(lid, 5u);
+    if (lid < 5u) {
         let r = rb + lid;
         if (r < P.rows) {
             y[wg.z * P.y_stride + P.row0 + r] = red[lid];
+        }
+    }
+}
+
+// ---- main4: batches of 2..8 as z slices of 4 batch rows; each row's accumulator is a vec4 over
+// the slice's 4 batch rows, so one decode of a code byte feeds 4 x 5 FMAs. Rows of the slice past
+// the batch compute on whatever x holds there; the host never reads their outputs.
+
+struct Acc5v {
+    a0: vec4<f32>,
+    a1: vec4<f32>,
+    a2: vec4<f32>,
+    a3: vec4<f32>,
+    a4: vec4<f32>,
+}
+
+fn byte5v(v: u32, xk: vec4<f32>, s: Acc5v) -> Acc5v {
+    let r0 = bitcast<f32>(v | 0x4B000000u) - 8388729.0;
+    let r1 = fma(r0, INV3, mag_a) - mag_b;
+    let r2 = fma(r0, INV9, mag_a) - mag_b;
+    let r3 = fma(r0, INV27, mag_a) - mag_b;
+    let r4 = fma(r0, INV81, mag_a) - mag_b;
+    let d0 = select(r0, fma(-3.0, r1, r0), DIRECT >= 1u);
+    let d1 = select(r1, fma(-3.0, r2, r1), DIRECT >= 2u);
+    return Acc5v(fma(vec4(d0), xk, s.a0), fma(vec4(d1), xk, s.a1), fma(vec4(r2), xk, s.a2),
+                 fma(vec4(r3), xk, s.a3), fma(vec4(r4), xk, s.a4));
+}
+
+// one code word (4 columns) against the 4 columns of the 4 batch rows (b0..b3)
+fn word5v(w: u32, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>, s: Acc5v) -> Acc5v {
+    var o = byte5v(w & 0xFFu, vec4(b0.x, b1.x, b2.x, b3.x), s);
+    o = byte5v((w >> 8u) & 0xFFu, vec4(b0.y, b1.y, b2.y, b3.y), o);
+    o = byte5v((w >> 16u) & 0xFFu, vec4(b0.z, b1.z, b2.z, b3.z), o);
+    o = byte5v(w >> 24u, vec4(b0.w, b1.w, b2.w, b3.w), o);
+    return o;
+}
+
+// 16 columns starting at vec4 index xb of batch row 0 (rows P.x_stride4 apart)
+fn chunk16v(q: vec4<u32>, xb: u32) -> Acc5v {
+    let st = P.x_stride4;
+    var s = Acc5v(vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0));
+    s = word5v(q.x, x[xb], x[xb + st], x[xb + 2u * st], x[xb + 3u * st], s);
+    s = word5v(q.y, x[xb + 1u], x[xb + 1u + st], x[xb + 1u + 2u * st], x[xb + 1u + 3u * st], s);
+    s = word5v(q.z, x[xb + 2u], x[xb + 2u + st], x[xb + 2u + 2u * st], x[xb + 2u + 3u * st], s);
+    s = word5v(q.w, x[xb + 3u], x[xb + 3u + st], x[xb + 3u + 2u * st], x[xb + 3u + 3u * st], s);
+    return s;
+}
+
+fn combinev(a: Acc5v, s: Acc5v, c0: f32, c1: f32, c2: f32, c3: f32, c4: f32) -> Acc5v {
+    let t0 = select(fma(vec4(-3.0), s.a1, s.a0), s.a0, DIRECT >= 1u);
+    let t1 = select(fma(vec4(-3.0), s.a2, s.a1), s.a1, DIRECT >= 2u);
+    let t2 = fma(vec4(-3.0), s.a3, s.a2);
+    let t3 = fma(vec4(-3.0), s.a4, s.a3);
+    return Acc5v(fma(vec4(c0), t0, a.a0), fma(vec4(c1), t1, a.a1), fma(vec4(c2), t2, a.a2),
+                 fma(vec4(c3), t3, a.a3), fma(vec4(c4), s.a4, a.a4));
+}
+
+fn add_chunkv(a: Acc5v, q: vec4<u32>, xb: u32, rb: u32, blk: u32) -> Acc5v {
+    let last = P.rows - 1u;
+    let nb = P.nb;
+    let c0 = scale_at(min(rb, last) * nb + blk);
+    let c1 = scale_at(min(rb + 1u, last) * nb + blk);
+    let c2 = scale_at(min(rb + 2u, last) * nb + blk);
+    let c3 = scale_at(min(rb + 3u, last) * nb + blk);
+    let c4 = scale_at(min(rb + 4u, last) * nb + blk);
+    return combinev(a, chunk16v(q, xb), c0, c1, c2, c3, c4);
+}
+
+fn x4_at(xrow: u32, col: u32) -> vec4<f32> {
+    let st = P.x_stride4;
+    let i = xrow + (col >> 2u);
+    let j = col & 3u;
+    return vec4(x[i][j], x[i + st][j], x[i + 2u * st][j], x[i + 3u * st][j]);
+}
+
+@compute @workgroup_size(WG)
+fn main4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = wg.x + wg.y * P.grid_x;
+    if (g >= P.groups) {
+        return;
+    }
+    mag_a = P.magic_a;
+    mag_b = P.magic_b;
+    let xrow = wg.z * 4u * P.x_stride4;   // batch row 0 of this z slice, in vec4
+    let rb = g * 5u;
+    let kp16 = P.kp16;
+    let sh4 = P.log2_b - 4u;
+
+    let e0 = aux[g];
+    let e1 = aux[g + 1u];
+    let op = P.off_out_ptr;
+    let rl = P.rows;
+    let m0 = aux[op + rb];
+    let p1 = aux[op + min(rb + 1u, rl)];
+    let p2 = aux[op + min(rb + 2u, rl)];
+    let p3 = aux[op + min(rb + 3u, rl)];
+    let p4 = aux[op + min(rb + 4u, rl)];
+    let m1 = aux[op + min(rb + 5u, rl)];
+
+    var a = Acc5v(vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0));
+
+    let cb = g * kp16;
+    for (var c = lid; c < kp16; c += WG) {
+        a = add_chunkv(a, codes[cb + c], xrow + c * 4u, rb, c >> sh4);
+    }
+
+    let n2 = (e1 - e0) << sh4;
+    let nitems = n2 + (m1 - m0);
+    let mask4 = (1u << sh4) - 1u;
+    for (var t = lid; t < nitems; t += WG) {
+        if (t < n2) {
+            let e = e0 + (t >> sh4);
+            let c = t & mask4;
+            let blk = u16_at(P.off_p2_block, e);
+            let q = p2codes[(e << sh4) + c];
+            let s = chunk16v(q, xrow + (blk << (P.log2_b - 2u)) + c * 4u);
+            let so = P.off_p2_scales;
+            a = combinev(a, s, f16_at(so, e * 5u), f16_at(so, e * 5u + 1u), f16_at(so, e * 5u + 2u),
+                         f16_at(so, e * 5u + 3u), f16_at(so, e * 5u + 4u));
+        } else {
+            let m = m0 + (t - n2);
+            var col: u32;
+            if (P.cols_u16 == 1u) {
+                col = u16_at(P.off_out_cols, m);
+            } else {
+                col = aux[P.off_out_cols + m];
+            }
+            let v = f16_at(P.off_out_vals, m) * x4_at(xrow, col);
+            let z = vec4(0.0);
+            a.a0 += select(z, v, m < p1);
+            a.a1 += select(z, v, m >= p1 && m < p2);
+            a.a2 += select(z, v, m >= p2 && m < p3);
+            a.a3 += select(z, v, m >= p3 && m < p4);
+            a.a4 += select(z, v, m >= p4);
+        }
+    }
+
+    acc[0] = a.a0.x; acc[1] = a.a0.y; acc[2] = a.a0.z; acc[3] = a.a0.w;
+    acc[4] = a.a1.x; acc[5] = a.a1.y; acc[6] = a.a1.z; acc[7] = a.a1.w;
+    acc[8] = a.a2.x; acc[9] = a.a2.y; acc[10] = a.a2.z; acc[11] = a.a2.w;
+    acc[12] = a.a3.x; acc[13] = a.a3.y; acc[14] = a.a3.z; acc[15] = a.a3.w;
+    acc[16] = a.a4.x; acc[17] = a.a4.y; acc[18] = a.a4.z; acc[19] = a.a4.w;
+    reduce_acc(lid, 20u);
+    if (lid < 20u) {
+        let r = rb + lid / 4u;
+        if (r < P.rows) {
+            y[(wg.z * 4u + (lid & 3u)) * P.y_stride + P.row0 + r] = red[lid];
         }
     }
 }

@@ -8,9 +8,10 @@
 One device is created lazily and shared. ``PREDPREY_GPU_ADAPTER`` picks the adapter: words that
 must all appear (case-insensitive) in "backend device vendor description adapter_type", e.g.
 ``vulkan``, ``opengl llvmpipe``, ``nvidia``. ``PREDPREY_GPU_SUBGROUPS=0`` forces the
-shared-memory kernel even where the adapter has subgroups. The kernels are
-``shaders/predprey_gemv1.wgsl`` (batch 1) and ``shaders/predprey_gemv.wgsl`` (batches), each with ``reduce_subgroup.wgsl`` (adapters with the "subgroup"
-feature) or ``reduce_workgroup.wgsl`` (all others); their header comments give the buffer layout.
+shared-memory kernel even where the adapter has subgroups. The kernel is
+``shaders/predprey_gemv1.wgsl`` (``shaders/predprey_gemv.wgsl``, the first general one, with
+PREDPREY_GPU_TUNE=fast=0), with ``reduce_subgroup.wgsl`` (adapters with the "subgroup" feature)
+or ``reduce_workgroup.wgsl`` (all others); their header comments give the buffer layout.
 """
 
 from __future__ import annotations
@@ -195,10 +196,11 @@ class _Ctx:
             self._layouts[kinds] = (bgl, pl)
         return self._layouts[kinds]
 
-    def pipeline(self, shader: str, kinds: tuple[str, ...], constants: dict, reduce: bool = True):
+    def pipeline(self, shader: str, kinds: tuple[str, ...], constants: dict, reduce: bool = True,
+                 entry: str = "main"):
         """Compute pipeline of ``shader`` (+ the reduction matching this device) for override
-        ``constants``; cached by (shader, constants)."""
-        key = (shader, tuple(sorted(constants.items())), reduce)
+        ``constants`` and entry point ``entry``; cached by (shader, constants, entry)."""
+        key = (shader, tuple(sorted(constants.items())), reduce, entry)
         p = self.pipelines.get(key)
         if p is None:
             src = shader_source(shader)
@@ -208,7 +210,7 @@ class _Ctx:
             _, pl = self.layout(kinds)
             p = self.device.create_compute_pipeline(
                 layout=pl,
-                compute={"module": module, "entry_point": "main", "constants": dict(constants)},
+                compute={"module": module, "entry_point": entry, "constants": dict(constants)},
                 label=shader,
             )
             self.pipelines[key] = p
@@ -308,7 +310,7 @@ class _Chunk:
 
 def _tune() -> dict:
     """PREDPREY_GPU_TUNE="wg=128,gpw=2": overrides of the launch heuristics (for benchmarks).
-    Keys: wg, gpw, direct, fast (0: batch 1 on the general kernel instead of predprey_gemv1)."""
+    Keys: wg, gpw, direct, fast (0: the general predprey_gemv.wgsl instead of predprey_gemv1)."""
     out = {}
     for part in os.environ.get("PREDPREY_GPU_TUNE", "").replace(";", ",").split(","):
         if "=" in part:
@@ -441,15 +443,17 @@ class GpuMatrix:
             )
 
     def _launch_config(self, batch: int) -> tuple[int, int, int, int, int, bool]:
-        """(NB, slices, GPW, WG, DIRECT, fast) for a batch of `batch` rows. ``fast``: the batch-1
-        kernel predprey_gemv1.wgsl, one z slice per batch row (NB = GPW = 1); else
-        predprey_gemv.wgsl with NB batch rows per slice."""
+        """(NB, slices, GPW, WG, DIRECT, fast) for a batch of `batch` rows. ``fast`` (the default;
+        PREDPREY_GPU_TUNE fast=0 turns it off): predprey_gemv1.wgsl, entry ``main`` for batch 1
+        and ``main4`` (z slices of NB = 4 batch rows) for larger batches; else predprey_gemv.wgsl
+        with NB <= 8 batch rows per slice."""
         t = _tune()
         kp16 = self._kp // 16
         direct = int(t.get("direct", 2))
-        fast = bool(t.get("fast", 1)) and batch == 1
+        fast = bool(t.get("fast", 1))
         if fast:
-            nb, slices, gpw = 1, batch, 1
+            nb = 1 if batch == 1 else 4
+            slices, gpw = -(-batch // nb), 1
             wg = 64 if kp16 <= 256 else 128 if kp16 <= 1024 else 256
         else:
             nb = min(batch, _MAX_NB)
@@ -464,15 +468,17 @@ class GpuMatrix:
         return nb, slices, gpw, wg, direct, fast
 
     def _pipeline(self, nb: int, gpw: int, wg: int, direct: int, fast: bool = False):
+        entry = "main"
         if fast:
             const = {"WG": wg, "DIRECT": direct}
             shader = "predprey_gemv1.wgsl"
+            entry = "main" if nb == 1 else "main4"
         else:
             const = {"WG": wg, "NB": nb, "GPW": gpw, "DIRECT": direct}
             shader = "predprey_gemv.wgsl"
         if self._ctx.subgroups:
             const["SG_SLOTS"] = max(1, wg // 4)
-        return self._ctx.pipeline(shader, _GEMV_KINDS, const)
+        return self._ctx.pipeline(shader, _GEMV_KINDS, const, entry=entry)
 
     def _prepare(self, batch: int):
         nb, slices, gpw, wg, direct, fast = self._launch_config(batch)
