@@ -1,5 +1,5 @@
-// predprey_gemv1.wgsl: the fast batch-1 kernel, y = W x straight from the packed format v1
-// (FORMAT.md); batches run as one z slice per batch row. Same bindings, Params and decode
+// predprey_gemv1.wgsl: the fast kernel, y = W x (and Y = X W^T for small batches) straight from
+// the packed format v1 (FORMAT.md). Same bindings, Params and decode
 // identity as predprey_gemv.wgsl (its header explains both); this file differs in how work is
 // laid out, for throughput on real GPUs:
 //   * no private array is indexed inside a loop: the five rows of the group are five scalar
@@ -15,10 +15,13 @@
 // Load together with exactly one of reduce_subgroup.wgsl / reduce_workgroup.wgsl (appended
 // after this file); it provides `fn reduce_acc(lid: u32, n: u32)` and `red`.
 //
-// Buffer layout (as predprey_gemv.wgsl with NB = 1 per z slice, GPW = 1):
+// Entry points: `main` (batch 1: one batch row per z slice, NB = 1) and `main4` (batches of 2 and
+// more: 4 batch rows per z slice, NB = 4; see there). One workgroup per row group (GPW = 1).
+//
+// Buffer layout (as predprey_gemv.wgsl):
 //   @binding(0) P        uniform Params.
-//   @binding(1) x        f32 [S, Kp] as vec4<f32>: input rows, zero past column K.
-//   @binding(2) y        f32 [S, P.y_stride]: outputs; this chunk writes row0 .. row0+rows.
+//   @binding(1) x        f32 [S*NB, Kp] as vec4<f32>: input rows, zero past column K.
+//   @binding(2) y        f32 [S*NB, P.y_stride]: outputs; this chunk writes row0 .. row0+rows.
 //   @binding(3) codes    u8  [G, Kp]   plane-1 codes, base 3 over the 5 rows of a group.
 //   @binding(4) scales   f16 [N, nb]   plane-1 block scales.
 //   @binding(5) p2codes  u8  [E, B]    plane-2 codes of each entry.
@@ -130,20 +133,13 @@ fn u16_at(off: u32, i: u32) -> u32 {
     return (aux[off + (i >> 1u)] >> ((i & 1u) * 16u)) & 0xFFFFu;
 }
 
-// plane-1 scales of the group's five rows (first row index rb, clamped to the chunk) in block blk
-fn add_chunk(a: Acc5, q: vec4<u32>, xb: u32, rb: u32, blk: u32) -> Acc5 {
-    let x0 = x[xb];
-    let x1 = x[xb + 1u];
-    let x2 = x[xb + 2u];
-    let x3 = x[xb + 3u];
+// plane-1 scales of the group's five rows (first row rb, clamped to the chunk) in block blk
+fn scales5(rb: u32, blk: u32) -> Acc5 {
     let last = P.rows - 1u;
     let nb = P.nb;
-    let c0 = scale_at(min(rb, last) * nb + blk);
-    let c1 = scale_at(min(rb + 1u, last) * nb + blk);
-    let c2 = scale_at(min(rb + 2u, last) * nb + blk);
-    let c3 = scale_at(min(rb + 3u, last) * nb + blk);
-    let c4 = scale_at(min(rb + 4u, last) * nb + blk);
-    return combine(a, chunk16(q, x0, x1, x2, x3), c0, c1, c2, c3, c4);
+    return Acc5(scale_at(min(rb, last) * nb + blk), scale_at(min(rb + 1u, last) * nb + blk),
+                scale_at(min(rb + 2u, last) * nb + blk), scale_at(min(rb + 3u, last) * nb + blk),
+                scale_at(min(rb + 4u, last) * nb + blk));
 }
 
 @compute @workgroup_size(WG)
@@ -173,7 +169,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
     var a = Acc5(0.0, 0.0, 0.0, 0.0, 0.0);
 
-    // ---- plane 1: 16 columns per thread-step, two steps per iteration
+    // ---- plane 1: 16 columns per thread-step, two steps per iteration; every load of both
+    // steps is issued (at in-bounds indices) before any arithmetic, only the second step's
+    // arithmetic is conditional
     let cb = g * kp16;
     for (var c = lid; c < kp16; c += 2u * WG) {
         let c1 = c + WG;
@@ -181,9 +179,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let cc1 = select(c, c1, has1);
         let q0 = codes[cb + c];
         let q1 = codes[cb + cc1];
-        a = add_chunk(a, q0, xrow + c * 4u, rb, c >> sh4);
+        let xa = xrow + c * 4u;
+        let xb = xrow + cc1 * 4u;
+        let xa0 = x[xa];
+        let xa1 = x[xa + 1u];
+        let xa2 = x[xa + 2u];
+        let xa3 = x[xa + 3u];
+        let xb0 = x[xb];
+        let xb1 = x[xb + 1u];
+        let xb2 = x[xb + 2u];
+        let xb3 = x[xb + 3u];
+        let sa = scales5(rb, c >> sh4);
+        let sb = scales5(rb, cc1 >> sh4);
+        a = combine(a, chunk16(q0, xa0, xa1, xa2, xa3), sa.a0, sa.a1, sa.a2, sa.a3, sa.a4);
         if (has1) {
-            a = add_chunk(a, q1, xrow + cc1 * 4u, rb, cc1 >> sh4);
+            a = combine(a, chunk16(q1, xb0, xb1, xb2, xb3), sb.a0, sb.a1, sb.a2, sb.a3, sb.a4);
         }
     }
 
@@ -288,14 +298,8 @@ fn combinev(a: Acc5v, s: Acc5v, c0: f32, c1: f32, c2: f32, c3: f32, c4: f32) -> 
 }
 
 fn add_chunkv(a: Acc5v, q: vec4<u32>, xb: u32, rb: u32, blk: u32) -> Acc5v {
-    let last = P.rows - 1u;
-    let nb = P.nb;
-    let c0 = scale_at(min(rb, last) * nb + blk);
-    let c1 = scale_at(min(rb + 1u, last) * nb + blk);
-    let c2 = scale_at(min(rb + 2u, last) * nb + blk);
-    let c3 = scale_at(min(rb + 3u, last) * nb + blk);
-    let c4 = scale_at(min(rb + 4u, last) * nb + blk);
-    return combinev(a, chunk16v(q, xb), c0, c1, c2, c3, c4);
+    let sc = scales5(rb, blk);
+    return combinev(a, chunk16v(q, xb), sc.a0, sc.a1, sc.a2, sc.a3, sc.a4);
 }
 
 fn x4_at(xrow: u32, col: u32) -> vec4<f32> {

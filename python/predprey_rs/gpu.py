@@ -454,7 +454,9 @@ class GpuMatrix:
         if fast:
             nb = 1 if batch == 1 else 4
             slices, gpw = -(-batch // nb), 1
-            wg = 64 if kp16 <= 256 else 128 if kp16 <= 1024 else 256
+            # one workgroup per row group: enough threads per group to keep many loads in
+            # flight, each still with >= 2 chunks of 16 columns (see the bench sweep)
+            wg = 32 if kp16 <= 64 else 64 if kp16 <= 256 else 128 if kp16 <= 512 else 256
         else:
             nb = min(batch, _MAX_NB)
             slices = -(-batch // nb)
