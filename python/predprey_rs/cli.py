@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -24,6 +26,8 @@ def add_gpu_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", metavar="WORDS", help="only adapters whose description holds all these words (e.g. 'vulkan')")
     p.add_argument("--quick", action="store_true", help="skip the largest conformance shapes and shorten the bandwidth test")
     p.add_argument("--seed", type=int, help="seed of the random matrices and inputs (default: fresh)")
+    p.add_argument("--in-process", action="store_true",
+                   help="check every adapter in this process (default: one fresh process per adapter and kernel)")
 
 
 def _gpu_check_one(gpu, bench, adapter, info: dict, subgroups: bool, rng, quick: bool) -> dict:
@@ -79,9 +83,53 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _gpu_check_child(spec: str) -> None:
+    """Child side of _gpu_check_isolated: check one adapter (chosen by its description) with one
+    kernel variant and print the row as JSON on the last line of stdout."""
+    import numpy as np
+
+    from . import _gpubench, gpu
+
+    want = json.loads(spec)
+    info = a = None
+    for cand in gpu._enumerate():
+        d = gpu._describe(cand)
+        if all(d[k] == want["info"][k] for k in ("backend", "device", "vendor", "adapter_type", "description")):
+            a, info = cand, d
+            break
+    if a is None:
+        row = {k: want["info"][k] for k in ("device", "backend", "vendor", "adapter_type")}
+        row.update(variant="subgroup" if want["subgroups"] else "workgroup", passed=False,
+                   error="the adapter was not found again in a fresh process")
+    else:
+        row = _gpu_check_one(gpu, _gpubench, a, info, want["subgroups"], np.random.default_rng(want["seed"]),
+                             want["quick"])
+    print(json.dumps(row), flush=True)
+
+
+def _gpu_check_isolated(info: dict, subgroups: bool, seed: int, quick: bool) -> dict:
+    """_gpu_check_one in a fresh Python process: a device lost or a driver left in a bad state on
+    one backend (seen: OpenGL "Parent device is lost" after the Vulkan rows on an NVIDIA H100)
+    cannot poison the next row; a crash of the child is a failed row."""
+    spec = json.dumps({"info": info, "subgroups": subgroups, "seed": seed, "quick": quick})
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    code = "import sys; from predprey_rs.cli import _gpu_check_child; _gpu_check_child(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, spec], stdout=subprocess.PIPE, env=env, text=True)
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    row = {k: info[k] for k in ("device", "backend", "vendor", "adapter_type")}
+    row.update(variant="subgroup" if subgroups else "workgroup", passed=False,
+               error=f"the check's process exited with status {proc.returncode} and no result")
+    return row
+
+
 def cmd_gpu_check(args: argparse.Namespace) -> int:
     """Every adapter wgpu sees on every backend: conformance vs the CPU oracle and bandwidth.
-    Adapters with subgroups are checked with both kernels. Exit 1 if any adapter fails."""
+    Adapters with subgroups are checked with both kernels. Exit 1 if any adapter fails. Each
+    (adapter, kernel) row runs in its own process (--in-process: all in this one)."""
     import numpy as np
 
     from . import GpuUnavailableError, _gpubench, gpu
@@ -99,7 +147,10 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
         if args.adapter and not all(w in gpu._haystack(info) for w in args.adapter.lower().split()):
             continue
         for sg in ([True, False] if info["subgroups"] else [False]):
-            rows.append(_gpu_check_one(gpu, _gpubench, a, info, sg, rng, args.quick))
+            if args.in_process:
+                rows.append(_gpu_check_one(gpu, _gpubench, a, info, sg, rng, args.quick))
+            else:
+                rows.append(_gpu_check_isolated(info, sg, seed + len(rows), args.quick))
     ok = bool(rows) and all(r.get("passed") for r in rows)
     if args.json:
         print(json.dumps({"ok": ok, "seed": seed, "adapters": rows}, indent=1))
