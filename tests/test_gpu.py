@@ -1,4 +1,5 @@
-"""The WGSL kernels (shaders/predprey_gemv.wgsl through wgpu) against the CPU oracle.
+"""The WGSL kernels (shaders/predprey_gemv1.wgsl through wgpu; the general predprey_gemv.wgsl in
+test_general_kernel) against the CPU oracle.
 
 The oracle is ``decompress`` (the reference decode of FORMAT.md, in Rust) followed by a float64
 product. Inputs are drawn fresh each run; a failure prints its seed. The adapter is whatever
@@ -125,9 +126,18 @@ def test_large_plane1_only(gpu, rng):
     check(gpu, p, rng, [0], "plane1")
 
 
+def test_general_kernel(gpu, rng, monkeypatch):
+    """predprey_gemv.wgsl (PREDPREY_GPU_TUNE fast=0), kept beside the fast kernel: batch 1 and
+    NB = 1..8 slices, planes 1 and 2, predators."""
+    monkeypatch.setenv("PREDPREY_GPU_TUNE", "fast=0")
+    p = _synth.random_packed(rng[0], 257, 1000, block_size=64, plane2=0.5, predators=0.02)
+    check(gpu, p, rng, [0, 1, 3, 8, 11], "general kernel")
+
+
 def test_every_batch_1_to_8_and_sliced_batches(gpu, rng):
-    """NB = 1..8 are separate pipelines; batches > 8 run as several z slices of 8, and batches
-    past the rows held on the GPU at once (256) as several submits."""
+    """Batch 1 and batches of 2+ (z slices of 4 batch rows, the last one partly used) are
+    separate entry points; batches past the rows held on the GPU at once (256) run as several
+    submits."""
     p = _synth.random_packed(rng[0], 23, 200, block_size=64, plane2=0.5, predators=0.02)
     check(gpu, p, rng, [1, 2, 3, 4, 5, 6, 7, 8, 11, 20, 300])
 
