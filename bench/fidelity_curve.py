@@ -90,8 +90,9 @@ def main() -> None:
     cal_bits = [3.0, 3.5] if args.quick else [float(x) for x in args.calibrated_bits.split(",")]
     for b in cal_bits:
         t = time.perf_counter()
-        w, _ = calibrate.quantize_model(m, seqs, calibrate.layer_bits(m, b, calibrate.DEFAULT_TYPE_OFFSETS), 64,
-                                        method="gptq")
+        w, _ = calibrate.quantize_model(m, seqs, calibrate.layer_bits(m, b, calibrate.DEFAULT_TYPE_OFFSETS, 64), 64,
+                                        method="gptq", sequential=calibrate.DEFAULT_SEQUENTIAL,
+                                        upstream=calibrate.DEFAULT_UPSTREAM and calibrate.DEFAULT_SEQUENTIAL)
         measure("ours+calibrated", b, w, evaluate.bits_per_weight(w), time.perf_counter() - t)
 
     out = Path(args.out)

@@ -150,3 +150,36 @@ def test_bad_calls():
         calibrate.quantize_model(m, [[]], 3.0, 32)
     with pytest.raises(ValueError, match="LLaMA-family"):
         calibrate.load_llama(__file__)
+
+
+def test_upstream_target_is_the_ridge_solution():
+    """W' makes W' xq match W xo: exactly W when the inputs agree, W M when xo = xq M^T."""
+    rng = np.random.default_rng()
+    n, k, t = 8, 24, 600
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    xq = [rng.standard_normal((t, k)).astype(np.float32), rng.standard_normal((t // 2, k)).astype(np.float32)]
+    np.testing.assert_allclose(calibrate._upstream_target(w, xq, xq, 0.01), w, rtol=0, atol=1e-5)
+    mix = (np.eye(k) + 0.1 * rng.standard_normal((k, k))).astype(np.float32)
+    xo = [x @ mix.T for x in xq]
+    # damping 1e-6 of the mean diagonal: the ridge solution is W M to ~1e-5
+    np.testing.assert_allclose(calibrate._upstream_target(w, xq, xo, 1e-6), w @ mix, rtol=0, atol=1e-3)
+
+
+def test_upstream_runs_and_fits_the_budget():
+    m = tiny_model(9)
+    ids = list(np.random.default_rng(2).integers(0, 40, 50))
+    for method in ("importance", "gptq"):
+        packed, _ = calibrate.quantize_model(m, [ids], 3.0, 32, method=method, upstream=True)
+        assert set(packed) == set(m.linear_layers())
+        assert all(p.bits_per_weight <= 3.0 for p in packed.values())
+
+
+def test_layer_bits_floor():
+    """At a low average the offsets would push attn_q under the fixed plane-1 cost: it is held at
+    the floor and the rest pay, the average still exact."""
+    m = tiny_model()
+    b = calibrate.layer_bits(m, 2.1, {"attn_q": -1.0, "attn_v": 1.0}, 64)
+    size = {n: np.prod(m.weights[n].shape) for n in b}
+    assert abs(sum(b[n] * size[n] for n in b) / sum(size.values()) - 2.1) < 1e-12
+    assert min(b.values()) == pytest.approx(1.7 + 16 / 64)
+    assert b["blk.0.attn_q.weight"] == pytest.approx(1.95)

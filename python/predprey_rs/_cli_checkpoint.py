@@ -61,10 +61,14 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--imatrix", metavar="FILE", help="llama.cpp importance matrix (GGUF or legacy .dat) weighting the error per input column")
     p.add_argument("--calibrate", nargs="?", const="", default=None, metavar="TEXTFILE",
                    help="LLaMA-family GGUF / HF sources: run the model on calibration text (default: the text shipped "
-                        "with the package) and compress the layers in order, each from the activations of the "
-                        "already-compressed layers before it; --bits is then the average over all packed weights")
+                        "with the package), collect each linear layer's input statistics and compress with them "
+                        "(GPTQ error feedback, bits moved between layer types by measured sensitivity); --bits is "
+                        "then the average over all packed weights")
     p.add_argument("--calibration-method", choices=("gptq", "importance"), default="gptq",
                    help="with --calibrate: gptq = error feedback across columns (default), importance = weighted rounding only")
+    p.add_argument("--sequential", action="store_true",
+                   help="with --calibrate: statistics of each layer from the already-compressed layers before it "
+                        "(default: one pass on the original model, which measured better; docs/fidelity.md)")
     p.add_argument("--max-shard-size", type=_size, default="4GiB", help="start a new shard past this size (default 4GiB)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--dry-run", action="store_true", help="show what would be packed and the estimated sizes; write nothing")
@@ -126,7 +130,8 @@ def _calibrate(args: argparse.Namespace) -> tuple[dict, dict, dict]:
                   end="", file=sys.stderr, flush=True)
 
     packed, imp, info = calibrate_source(args.src, text, bits=args.bits, block_size=args.block_size,
-                                         method=args.calibration_method, on_layer=on_layer)
+                                         method=args.calibration_method, sequential=args.sequential,
+                                         on_layer=on_layer)
     if not args.json:
         print(file=sys.stderr)
     return packed, imp, info

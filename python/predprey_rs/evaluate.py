@@ -71,9 +71,10 @@ def compare(lp_ref: np.ndarray, lp: np.ndarray, ids: Sequence[int], bits: float 
 
 def evaluate_model(model: Any, text: str, bits: float = 3.0, block_size: int = 64, method: str = "gptq",
                    calibration: str | None = None, type_offsets: Mapping[str, float] | None = None,
-                   progress: Any = None) -> tuple[Fidelity, dict]:
+                   progress: Any = None, sequential: bool | None = None) -> tuple[Fidelity, dict]:
     """Compresses ``model`` (dense ``LlamaModel``) with calibration (default text) and compares
-    it with the original on ``text``. Returns (Fidelity, info) where info has timings."""
+    it with the original on ``text``. ``sequential``: None for calibrate.DEFAULT_SEQUENTIAL.
+    Returns (Fidelity, info) where info has timings."""
     from . import calibrate
     from .llama import LlamaModel
 
@@ -84,12 +85,17 @@ def evaluate_model(model: Any, text: str, bits: float = 3.0, block_size: int = 6
     lp_ref = log_probs(model, ids)
     t1 = time.perf_counter()
     seqs = calibrate.calibration_ids(model.tokenizer, calibration)
-    budget = calibrate.layer_bits(model, bits, type_offsets if type_offsets is not None else calibrate.DEFAULT_TYPE_OFFSETS)
-    packed, _ = calibrate.quantize_model(model, seqs, budget, block_size, method=method, on_layer=progress)
+    seq = calibrate.DEFAULT_SEQUENTIAL if sequential is None else sequential
+    budget = calibrate.layer_bits(model, bits, type_offsets if type_offsets is not None else calibrate.DEFAULT_TYPE_OFFSETS,
+                                 block_size)
+    packed, _ = calibrate.quantize_model(model, seqs, budget, block_size, method=method,
+                                         sequential=seq, upstream=calibrate.DEFAULT_UPSTREAM and seq,
+                                         on_layer=progress)
     t2 = time.perf_counter()
     q = LlamaModel.from_weights(model.config, {**model.weights, **packed}, model.tokenizer)
     lp = log_probs(q, ids)
     t3 = time.perf_counter()
     fid = compare(lp_ref, lp, ids, bits_per_weight(packed))
     return fid, {"seconds_reference": t1 - t0, "seconds_compress": t2 - t1, "seconds_eval": t3 - t2,
-                 "calibration_tokens": sum(len(s) for s in seqs), "method": method}
+                 "calibration_tokens": sum(len(s) for s in seqs), "method": method,
+                 "sequential": seq}
