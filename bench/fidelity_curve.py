@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -42,6 +41,10 @@ def main() -> None:
     ap.add_argument("--bits", default="2.0,2.5,3.0,3.5,4.0,4.5", help="budgets of ours / ours+importance")
     ap.add_argument("--calibrated-bits", default="2.5,3.0,3.5,4.0", help="budgets of ours+calibrated (slow)")
     ap.add_argument("--quick", action="store_true", help="calibrated at 3.0 and 3.5 only")
+    ap.add_argument("--eval-json", action="append", default=[], metavar="FILE",
+                    help="rows of ours+calibrated already measured by `predprey eval --json` on the same model and "
+                         "text (the last line of its output); their budgets are not measured again")
+    ap.add_argument("--no-plain", action="store_true", help="skip `ours` without importance")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args()
 
@@ -79,7 +82,7 @@ def main() -> None:
         bpw = 2.0 + 16.0 / block
         measure("seed", bpw, w, bpw, time.perf_counter() - t)
     for b in [float(x) for x in args.bits.split(",")]:
-        for scheme, h in (("ours", None), ("ours+importance", imp)):
+        for scheme, h in ((("ours", None),) if not args.no_plain else ()) + (("ours+importance", imp),):
             t = time.perf_counter()
             try:
                 w = {n: pp.compress(v, bits=b, block_size=64, importance=h[n] if h else None) for n, v in linears.items()}
@@ -87,7 +90,16 @@ def main() -> None:
                 log(f"{scheme} {b}: {e}")
                 continue
             measure(scheme, b, w, evaluate.bits_per_weight(w), time.perf_counter() - t)
-    cal_bits = [3.0, 3.5] if args.quick else [float(x) for x in args.calibrated_bits.split(",")]
+    cal_bits = [3.0, 3.5] if args.quick else [float(x) for x in args.calibrated_bits.split(",") if x]
+    for f in args.eval_json:
+        e = json.loads(Path(f).read_text().strip().splitlines()[-1])
+        if e["tokens"] != len(ids) - 1 or abs(e["ppl_ref"] - evaluate.perplexity(lp_ref, ids)) > 1e-3 * e["ppl_ref"]:
+            raise SystemExit(f"{f} was measured on another text or model")
+        rows.append({"scheme": "ours+calibrated", "bits": e["bits"], "bits_per_weight": round(e["bits_per_weight"], 4),
+                     "ppl": e["ppl"], "ppl_ref": e["ppl_ref"], "ppl_ratio": e["ppl"] / e["ppl_ref"], "kl": e["kl"],
+                     "top1": e["top1"], "compress_s": round(e.get("seconds_compress", float("nan")), 1)})
+        log(f"ours+calibrated    {e['bits']:4.2f} from {f}: ratio {rows[-1]['ppl_ratio']:.2f}")
+        cal_bits = [b for b in cal_bits if abs(b - e["bits"]) > 1e-9]
     for b in cal_bits:
         t = time.perf_counter()
         w, _ = calibrate.quantize_model(m, seqs, calibrate.layer_bits(m, b, calibrate.DEFAULT_TYPE_OFFSETS, 64), 64,
