@@ -183,3 +183,16 @@ def test_layer_bits_floor():
     assert abs(sum(b[n] * size[n] for n in b) / sum(size.values()) - 2.1) < 1e-12
     assert min(b.values()) == pytest.approx(1.7 + 16 / 64)
     assert b["blk.0.attn_q.weight"] == pytest.approx(1.95)
+
+
+def test_default_calibration_text_is_not_the_heldout_text():
+    from pathlib import Path
+
+    text = calibrate.default_calibration_text()
+    root = Path(calibrate.__file__).parent / "data"
+    assert text.startswith((root / "calibration.txt").read_text()[:200])
+    assert (root / "calibration_generated.txt").read_text()[:200] in text
+    heldout = (Path(__file__).resolve().parents[1] / "bench" / "data" / "heldout.txt").read_text()
+    words = heldout.split()
+    # no 8-word run of the held-out text appears in the calibration text
+    assert not any(" ".join(words[i:i + 8]) in " ".join(text.split()) for i in range(len(words) - 7))
