@@ -7,7 +7,7 @@
 //! possible fractions, so the digit boundary is never crossed; a test checks all 243 bytes.)
 //! Then int8: `vpmaddwd(t, q)` per 16 columns; float32: digits to float and FMA.
 
-use super::{Activations, Ctx, BATCH_TILE};
+use super::{Activations, Ctx, Scratch, BATCH_TILE};
 use crate::format::ROWS_PER_GROUP;
 use core::arch::x86_64::*;
 
@@ -30,7 +30,7 @@ pub(super) fn supported() -> bool {
         && std::arch::is_x86_feature_detected!("f16c")
 }
 
-type GroupFn = unsafe fn(&Ctx, usize, usize, &mut [f32], &mut [f32]);
+type GroupFn = unsafe fn(&Ctx, usize, usize, &mut [f32], &mut Scratch);
 
 fn pick<const NB: usize>(act: Activations) -> GroupFn {
     match act {
@@ -56,8 +56,8 @@ fn pick_nb(nb: usize, act: Activations) -> GroupFn {
 ///
 /// # Safety
 /// The CPU supports the features in [`supported`]; `c` satisfies the sizes documented on `Ctx`;
-/// `scratch` holds at least `5 * (nb + 1)` floats.
-pub(super) unsafe fn groups(c: &Ctx, g0: usize, out: &mut [f32], scratch: &mut [f32]) {
+/// `scratch` was made by `Scratch::new(&c.d)` (`f` holds >= 5 nb floats).
+pub(super) unsafe fn groups(c: &Ctx, g0: usize, out: &mut [f32], scratch: &mut Scratch) {
     let per_group = R * c.batch;
     for (gi, og) in out.chunks_exact_mut(per_group).enumerate() {
         let mut b0 = 0;
@@ -75,7 +75,8 @@ pub(super) unsafe fn groups(c: &Ctx, g0: usize, out: &mut [f32], scratch: &mut [
 /// # Safety
 /// As for [`groups`].
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group<const NB: usize, const INT8: bool>(c: &Ctx, g: usize, b0: usize, out: &mut [f32], scr: &mut [f32]) {
+unsafe fn group<const NB: usize, const INT8: bool>(c: &Ctx, g: usize, b0: usize, out: &mut [f32], scratch: &mut Scratch) {
+    let scr = &mut scratch.f[..];
     let p = c.p;
     let (bs, kp, nb) = (c.d.block_size, c.d.padded_cols, c.d.n_blocks);
     let stride = c.x.stride;

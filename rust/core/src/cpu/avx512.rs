@@ -15,7 +15,7 @@
 //! All pointer arithmetic stays inside the buffers whose sizes `Ctx` documents; the comments at
 //! each `unsafe` say which size makes it in bounds.
 
-use super::{Activations, Ctx, BATCH_TILE};
+use super::{Activations, Ctx, Scratch, BATCH_TILE};
 use crate::format::ROWS_PER_GROUP;
 use core::arch::x86_64::*;
 
@@ -96,6 +96,9 @@ struct XPtrs<const NB: usize> {
     xq: [*const i8; NB],
     nxq: [*const i8; NB],
     sxl: [*const f32; NB],
+    xt: [*const i8; NB],
+    nxt: [*const i8; NB],
+    sxt: [*const f32; NB],
 }
 
 impl<const NB: usize> XPtrs<NB> {
@@ -108,11 +111,14 @@ impl<const NB: usize> XPtrs<NB> {
             xq: core::array::from_fn(|b| if int8 { x.xq[(b0 + b) * s..].as_ptr() } else { core::ptr::null() }),
             nxq: core::array::from_fn(|b| if int8 { x.nxq[(b0 + b) * s..].as_ptr() } else { core::ptr::null() }),
             sxl: core::array::from_fn(|b| if int8 { x.sxl[(b0 + b) * s / 4..].as_ptr() } else { core::ptr::null() }),
+            xt: core::array::from_fn(|b| if int8 { x.xt[(b0 + b) * s..].as_ptr() } else { core::ptr::null() }),
+            nxt: core::array::from_fn(|b| if int8 { x.nxt[(b0 + b) * s..].as_ptr() } else { core::ptr::null() }),
+            sxt: core::array::from_fn(|b| if int8 { x.sxt[(b0 + b) * s / 32..].as_ptr() } else { core::ptr::null() }),
         }
     }
 }
 
-type GroupFn = unsafe fn(&Ctx, usize, usize, &mut [f32], &mut [f32]);
+type GroupFn = unsafe fn(&Ctx, usize, usize, &mut [f32], &mut Scratch);
 
 fn pick<const NB: usize>(act: Activations, b32: bool) -> GroupFn {
     match (act, b32) {
@@ -140,8 +146,8 @@ fn pick_nb(nb: usize, act: Activations, b32: bool) -> GroupFn {
 ///
 /// # Safety
 /// The CPU supports the features in [`supported`]; `c` satisfies the sizes documented on `Ctx`;
-/// `scratch` holds at least `5 * (nb + 1) + 16` floats.
-pub(super) unsafe fn groups(c: &Ctx, g0: usize, out: &mut [f32], scratch: &mut [f32]) {
+/// `scratch` was made by `Scratch::new(&c.d)`.
+pub(super) unsafe fn groups(c: &Ctx, g0: usize, out: &mut [f32], scratch: &mut Scratch) {
     let per_group = R * c.batch;
     let b32 = c.d.block_size == 32;
     for (gi, og) in out.chunks_exact_mut(per_group).enumerate() {
@@ -156,35 +162,208 @@ pub(super) unsafe fn groups(c: &Ctx, g0: usize, out: &mut [f32], scratch: &mut [
     }
 }
 
-/// Converts the plane-1 scales of the 5 rows of group `g` to f32 into `scr`, row i at
-/// `i * (nb + 1)`, with a 0 after each row (read by the half vector past the last block when
-/// B = 32) and 0 for padding rows.
+/// Row stride of the scale tables in the scratch: nb + 16 (16 zeros after each row, read by
+/// the half vector past the last block when B = 32 and by full 16-lane loads).
+#[inline(always)]
+fn srow(nb: usize) -> usize {
+    nb + 16
+}
+
+/// f16 -> f32 of `n <= 16` values from `src` into `dst` (masked, so nothing past n is touched).
+///
+/// # Safety
+/// `src` and `dst` are valid for `n` elements; AVX-512F/BW/VL + F16C present.
+#[inline(always)]
+unsafe fn cvt16(src: *const half::f16, dst: *mut f32, n: usize) {
+    let m: __mmask16 = if n >= 16 { 0xFFFF } else { (1u16 << n) - 1 };
+    // SAFETY: lanes past n are masked off; f16 is a transparent u16.
+    unsafe { _mm512_mask_storeu_ps(dst, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src as *const i16))) };
+}
+
+/// Fills the scratch for group `g`: `f[i * srow(nb) + blk]` = plane-1 scale of row i, block
+/// blk, and `f[(5 + i) * srow(nb) + blk]` = plane-2 scale of row i in the group's entry for
+/// block blk (as f32; 0 for padding rows, for blocks without an entry and after each row);
+/// `u[blk]` = that entry + 1, or 0. (Int8 only uses the plane-2 tables.)
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn row_scales(c: &Ctx, g: usize, scr: &mut [f32]) {
+unsafe fn row_scales(c: &Ctx, g: usize, scr: &mut Scratch, p2: bool) {
     let nb = c.d.n_blocks;
+    let rs = srow(nb);
+    let f = &mut scr.f[..2 * R * rs];
+    f.fill(0.0);
     for i in 0..R {
         let r = g * R + i;
-        let dst = &mut scr[i * (nb + 1)..(i + 1) * (nb + 1)];
         if r >= c.p.rows {
-            dst.fill(0.0);
             continue;
         }
         let src = &c.p.scales[r * nb..(r + 1) * nb];
+        let dst = &mut f[i * rs..i * rs + nb];
         let mut k = 0;
         while k < nb {
-            let n = (nb - k).min(16);
-            let m: __mmask16 = if n == 16 { 0xFFFF } else { (1u16 << n) - 1 };
-            // SAFETY: `src[k..k + n]` and `dst[k..k + n]` are in bounds (n <= nb - k); lanes
-            // past n are masked off, so neither access touches memory outside them. f16 is a
-            // transparent u16, so the i16 pointer reads its bits.
-            unsafe {
-                let h = _mm256_maskz_loadu_epi16(m, src.as_ptr().add(k) as *const i16);
-                _mm512_mask_storeu_ps(dst.as_mut_ptr().add(k), m, _mm512_cvtph_ps(h));
-            }
-            k += n;
+            // SAFETY: k + min(16, nb - k) <= nb = src.len() = dst.len().
+            unsafe { cvt16(src.as_ptr().add(k), dst.as_mut_ptr().add(k), nb - k) };
+            k += 16;
         }
-        dst[nb] = 0.0;
     }
+    if p2 {
+        let u = &mut scr.u[..nb];
+        u.fill(0);
+        let es = c.p2_entries(g);
+        let mut tmp = [0f32; 16 * R];
+        for e0 in es.clone().step_by(16) {
+            let n = (es.end - e0).min(16);
+            let src = &c.p.p2_scales[e0 * R..(e0 + n) * R];
+            let mut k = 0;
+            while k < src.len() {
+                // SAFETY: k + min(16, len - k) <= src.len() <= tmp.len().
+                unsafe { cvt16(src.as_ptr().add(k), tmp.as_mut_ptr().add(k), src.len() - k) };
+                k += 16;
+            }
+            for j in 0..n {
+                let blk = c.p2_block(e0 + j);
+                u[blk] = (e0 + j) as u32 + 1;
+                for i in 0..R {
+                    f[(R + i) * rs + blk] = tmp[j * R + i];
+                }
+            }
+        }
+    }
+}
+
+/// 64 code bytes of value 121 (five ternary zeros): the plane-2 codes of a block without entry.
+#[repr(C, align(64))]
+struct Zeros([u8; 64]);
+static ZERO_CODES: Zeros = Zeros([121; 64]);
+
+/// Transposes 8 vectors of 16 dwords (the 8 x 64 code bytes of a superblock, dword = 4
+/// columns): output `w`, dword `L = 4 m + j` = input `4 (m / 2) + j`, dword `8 (m % 2) + w`,
+/// i.e. the 4 columns at offset `4 w` of chunk `lane_chunk(L)`. Two stages of in-lane unpacks
+/// and one of 128-bit shuffles (24 shuffles).
+#[inline(always)]
+unsafe fn transpose8(t: [__m512i; 8]) -> [__m512i; 8] {
+    let a = [
+        _mm512_unpacklo_epi32(t[0], t[1]),
+        _mm512_unpackhi_epi32(t[0], t[1]),
+        _mm512_unpacklo_epi32(t[2], t[3]),
+        _mm512_unpackhi_epi32(t[2], t[3]),
+        _mm512_unpacklo_epi32(t[4], t[5]),
+        _mm512_unpackhi_epi32(t[4], t[5]),
+        _mm512_unpacklo_epi32(t[6], t[7]),
+        _mm512_unpackhi_epi32(t[6], t[7]),
+    ];
+    // b[4q + u], 128-bit lane l, dword j = t[4q + j], dword 4l + u.
+    let b = [
+        _mm512_unpacklo_epi64(a[0], a[2]),
+        _mm512_unpackhi_epi64(a[0], a[2]),
+        _mm512_unpacklo_epi64(a[1], a[3]),
+        _mm512_unpackhi_epi64(a[1], a[3]),
+        _mm512_unpacklo_epi64(a[4], a[6]),
+        _mm512_unpackhi_epi64(a[4], a[6]),
+        _mm512_unpacklo_epi64(a[5], a[7]),
+        _mm512_unpackhi_epi64(a[5], a[7]),
+    ];
+    // Output w = 4h + u: 128-bit lanes (b[u].l(h), b[u].l(2 + h), b[4 + u].l(h), b[4 + u].l(2 + h)).
+    [
+        _mm512_shuffle_i32x4::<0x88>(b[0], b[4]),
+        _mm512_shuffle_i32x4::<0x88>(b[1], b[5]),
+        _mm512_shuffle_i32x4::<0x88>(b[2], b[6]),
+        _mm512_shuffle_i32x4::<0x88>(b[3], b[7]),
+        _mm512_shuffle_i32x4::<0xdd>(b[0], b[4]),
+        _mm512_shuffle_i32x4::<0xdd>(b[1], b[5]),
+        _mm512_shuffle_i32x4::<0xdd>(b[2], b[6]),
+        _mm512_shuffle_i32x4::<0xdd>(b[3], b[7]),
+    ]
+}
+
+/// For each lane L of a superblock: its chunk `c = lane_chunk(L)` (32 columns), the
+/// block-or-entry `32 c / B` it lies in (relative to the superblock), and its chunk offset
+/// inside that block `c % (B / 32)`.
+const fn lane_tables(bs: usize) -> ([i32; 16], [i32; 16]) {
+    let (mut unit, mut off) = ([0i32; 16], [0i32; 16]);
+    let mut l = 0;
+    while l < 16 {
+        let c = super::lane_chunk(l);
+        unit[l] = (32 * c / bs) as i32;
+        off[l] = (c % (bs / 32)) as i32;
+        l += 1;
+    }
+    (unit, off)
+}
+
+#[repr(C, align(64))]
+struct Idx([i32; 16]);
+
+static LANE_UNIT: [Idx; 4] = [Idx(lane_tables(32).0), Idx(lane_tables(64).0), Idx(lane_tables(128).0), Idx(lane_tables(256).0)];
+
+/// Integer accumulators of one superblock: `ai[row][batch]` = sum over its 8 vectors of
+/// `dpbusd(c', xs)`, `ac[batch]` = sum of `dpbusd(1, -xs)`; the ternary dot of lane L (one
+/// 32-column chunk) of row i is `ai[i][b] + ac[b]`.
+struct SbAcc<const NB: usize> {
+    ai: [[__m512i; NB]; R],
+    ac: [__m512i; NB],
+}
+
+/// Feeds one transposed code vector `cv` and the matching activations (`q`, `nq` per batch
+/// vector) into the superblock accumulators.
+#[inline(always)]
+unsafe fn sb_step<const NB: usize>(cv: __m512i, q: [__m512i; NB], nq: [__m512i; NB], digit: &[(__m512i, __m512i); R], acc: &mut SbAcc<NB>) {
+    let sv = _mm512_sub_epi8(cv, _mm512_set1_epi8(121));
+    let a = _mm512_abs_epi8(sv);
+    let m: __mmask64 = _mm512_movepi8_mask(sv);
+    let dg: [__m512i; R] = core::array::from_fn(|i| _mm512_permutex2var_epi8(digit[i].0, a, digit[i].1));
+    for b in 0..NB {
+        let xs = _mm512_mask_blend_epi8(m, q[b], nq[b]);
+        let nxs = _mm512_mask_blend_epi8(m, nq[b], q[b]);
+        acc.ac[b] = _mm512_dpbusd_epi32(acc.ac[b], _mm512_set1_epi8(1), nxs);
+        for i in 0..R {
+            acc.ai[i][b] = _mm512_dpbusd_epi32(acc.ai[i][b], dg[i], xs);
+        }
+    }
+}
+
+/// Adds a finished superblock to the float accumulators: `acc[i][b] += (ai + ac) * sw[i] * sx[b]`.
+#[inline(always)]
+unsafe fn sb_finish<const NB: usize>(s: &SbAcc<NB>, sw: &[__m512; R], sx: &[__m512; NB], acc: &mut [[__m512; NB]; R]) {
+    for b in 0..NB {
+        for i in 0..R {
+            let d = _mm512_cvtepi32_ps(_mm512_add_epi32(s.ai[i][b], s.ac[b]));
+            acc[i][b] = _mm512_fmadd_ps(d, _mm512_mul_ps(sw[i], sx[b]), acc[i][b]);
+        }
+    }
+}
+
+/// One plane of one superblock: the 8 transposed code vectors `t` against the transposed
+/// activations at columns `col0..col0 + 512`, accumulated into `acc` with lane scales `sw`
+/// (per row) and `sx` (per batch vector).
+///
+/// # Safety
+/// `col0 + 512 <= stride`; the CPU has the features of `group`.
+#[inline(always)]
+unsafe fn sb_plane<const NB: usize>(
+    t: [__m512i; 8],
+    col0: usize,
+    x: &XPtrs<NB>,
+    digit: &[(__m512i, __m512i); R],
+    sw: &[__m512; R],
+    sx: &[__m512; NB],
+    acc: &mut [[__m512; NB]; R],
+) {
+    let mut s = SbAcc::<NB> { ai: [[_mm512_setzero_si512(); NB]; R], ac: [_mm512_setzero_si512(); NB] };
+    for (v, &cv) in t.iter().enumerate() {
+        let col = col0 + 64 * v;
+        let mut q = [_mm512_setzero_si512(); NB];
+        let mut nq = [_mm512_setzero_si512(); NB];
+        for b in 0..NB {
+            // SAFETY: col + 64 <= stride; xt/nxt hold stride bytes per batch vector.
+            unsafe {
+                q[b] = _mm512_loadu_si512(x.xt[b].add(col) as *const _);
+                nq[b] = _mm512_loadu_si512(x.nxt[b].add(col) as *const _);
+            }
+        }
+        // SAFETY: features per the caller.
+        unsafe { sb_step::<NB>(cv, q, nq, digit, &mut s) };
+    }
+    // SAFETY: features per the caller.
+    unsafe { sb_finish::<NB>(&s, sw, sx, acc) };
 }
 
 /// One group for batch vectors `b0..b0 + NB`. `B32`: block size 32 (a 64-column vector spans
@@ -198,40 +377,101 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
     g: usize,
     b0: usize,
     out: &mut [f32],
-    scr: &mut [f32],
+    scr: &mut Scratch,
 ) {
     let p = c.p;
     let (bs, kp, nb) = (c.d.block_size, c.d.padded_cols, c.d.n_blocks);
+    // B is a power of two: shifts instead of divisions in the loops.
+    let lb = bs.trailing_zeros() as usize;
     // SAFETY: scratch size and CPU features per this function's contract.
-    unsafe { row_scales(c, g, scr) };
+    unsafe { row_scales(c, g, scr, INT8) };
     let x = XPtrs::<NB>::new(c, b0);
     // SAFETY: the tables are 128 bytes each (AVX-512F present).
     let digit = unsafe { [0, 1, 2, 3, 4].map(|i| lut_regs(&DIGIT_LUTS[i])) };
     let pn = unsafe { [lut_regs(&POS_LUT), lut_regs(&NEG_LUT)] };
     let mut acc = [[_mm512_setzero_ps(); NB]; R];
-    let row_stride = nb + 1;
+    let rs = srow(nb);
+    let sf = &scr.f[..2 * R * rs];
+    let p2e = &scr.u[..nb];
 
-    // The row scales of the 64-column vector `v`: (lanes/quarters of the first 32 columns,
-    // of the last 32); equal unless B = 32.
-    let scales = |v: usize| -> [(__m512, __m512); R] {
+    // The row scales (plane `pl`) of the 64-column vector `v`: (lanes/quarters of the first 32
+    // columns, of the last 32); equal unless B = 32.
+    let scales = |pl: usize, v: usize| -> [(__m512, __m512); R] {
         core::array::from_fn(|i| {
-            let s = &scr[i * row_stride..(i + 1) * row_stride];
+            let s = &sf[(pl * R + i) * rs..(pl * R + i + 1) * rs];
             if B32 {
                 (_mm512_set1_ps(s[2 * v]), _mm512_set1_ps(s[2 * v + 1]))
             } else {
-                let a = _mm512_set1_ps(s[v * 64 / bs]);
+                let a = _mm512_set1_ps(s[(v * 64) >> lb]);
                 (a, a)
             }
         })
     };
 
-    // Plane 1: G codes rows of Kp bytes; vector v covers columns 64v..64v+64.
     let base = &p.codes[g * kp..(g + 1) * kp];
     let full = kp / 64;
-    for v in 0..full {
+    let bsi = lb - 5; // 0..4 for B = 32..256
+    // SAFETY (all loads of the lane tables): 16 aligned i32 each.
+    let unit = unsafe { _mm512_load_si512(LANE_UNIT[bsi].0.as_ptr() as *const _) };
+    let n_sb = if INT8 { kp / 512 } else { 0 };
+    let bps = 512 >> lb; // blocks per superblock
+    let zeros = ZERO_CODES.0.as_ptr();
+    // Superblocks of 512 columns (int8): codes transposed so lane L of all 8 vectors is one
+    // 32-column chunk, int32 sums over the superblock, one float step per row. Plane 2 rides
+    // along: its entries for the 512 / B blocks (121-codes where a block has none) are
+    // transposed the same way and meet the same activations.
+    for sb in 0..n_sb {
+        let first = sb * bps;
+        // SAFETY: 512 sb + 512 <= kp = base.len().
+        let src: [__m512i; 8] = unsafe { core::array::from_fn(|s| _mm512_loadu_si512(base.as_ptr().add(512 * sb + 64 * s) as *const _)) };
+        // SAFETY: AVX-512F present.
+        let t1 = unsafe { transpose8(src) };
+        let has2 = p2e[first..first + bps].iter().any(|&e| e != 0);
+        // Code bytes of plane 2 for bytes 64 s.. of the superblock: entry e - 1's or 121s. An
+        // entry index e - 1 < E (set by row_scales), so the bytes at (e - 1) * B + off .. + 64
+        // (or + 32) lie inside p2_codes (len E * B); `zeros` is 64 bytes.
+        let code_ptr = |blk: usize, off: usize| -> *const u8 {
+            let e = p2e[blk] as usize;
+            // Branch-free (blocks with and without entries alternate at random).
+            let entry = p.p2_codes.as_ptr().wrapping_add(e.wrapping_sub(1).wrapping_mul(bs).wrapping_add(off));
+            core::hint::select_unpredictable(e != 0, entry, zeros)
+        };
+        let t2 = if has2 {
+            let src2: [__m512i; 8] = core::array::from_fn(|s| {
+                // SAFETY: see code_ptr; 32-byte halves when B = 32.
+                unsafe {
+                    if bs == 32 {
+                        let lo = _mm256_loadu_si256(code_ptr(first + 2 * s, 0) as *const __m256i);
+                        let hi = _mm256_loadu_si256(code_ptr(first + 2 * s + 1, 0) as *const __m256i);
+                        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+                    } else {
+                        _mm512_loadu_si512(code_ptr(first + ((64 * s) >> lb), (64 * s) & (bs - 1)) as *const _)
+                    }
+                }
+            });
+            // SAFETY: AVX-512F present.
+            unsafe { transpose8(src2) }
+        } else {
+            t1
+        };
+        // SAFETY: sxt holds stride / 32 >= 16 sb + 16 floats per batch vector; the row
+        // tables have nb + 16 >= first + 16 floats; features per this function's contract.
+        unsafe {
+            let sx: [__m512; NB] = core::array::from_fn(|b| _mm512_loadu_ps(x.sxt[b].add(16 * sb)));
+            let sw: [__m512; R] = core::array::from_fn(|i| _mm512_permutexvar_ps(unit, _mm512_loadu_ps(sf.as_ptr().add(i * rs + first))));
+            sb_plane::<NB>(t1, 512 * sb, &x, &digit, &sw, &sx, &mut acc);
+            if has2 {
+                let sw: [__m512; R] = core::array::from_fn(|i| _mm512_permutexvar_ps(unit, _mm512_loadu_ps(sf.as_ptr().add((R + i) * rs + first))));
+                sb_plane::<NB>(t2, 512 * sb, &x, &digit, &sw, &sx, &mut acc);
+            }
+        }
+    }
+
+    // Plane 1 past the superblocks (all of it for float32): vector v = columns 64v..64v+64.
+    for v in n_sb * 8..full {
         // SAFETY: 64v + 64 <= kp = base.len().
         let cv = unsafe { _mm512_loadu_si512(base.as_ptr().add(64 * v) as *const _) };
-        let sw = scales(v);
+        let sw = scales(0, v);
         // SAFETY: column 64v + 64 <= kv <= stride (Ctx sizes).
         unsafe { step::<NB, B32, INT8>(cv, 64 * v, &sw, &digit, &pn, &x, &mut acc) };
     }
@@ -241,17 +481,20 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
         let cv = unsafe {
             _mm512_mask_loadu_epi8(_mm512_set1_epi8(121), 0xFFFF_FFFF, base.as_ptr().add(64 * full) as *const i8)
         };
-        let sw = scales(full);
+        let sw = scales(0, full);
         // SAFETY: column 64 * full + 64 <= kv <= stride.
         unsafe { step::<NB, B32, INT8>(cv, 64 * full, &sw, &digit, &pn, &x, &mut acc) };
     }
 
-    // Plane 2: entry e holds B code bytes for block p2_block[e] of this group.
+    // Plane 2 past the superblocks, entry by entry: entry e holds B code bytes for block
+    // p2_block[e] of this group.
     for e in c.p2_entries(g) {
         let blk = c.p2_block(e);
-        let s2: [f32; R] = core::array::from_fn(|i| p.p2_scales[e * R + i].to_f32());
+        if blk < n_sb * bps {
+            continue;
+        }
         let sw: [(__m512, __m512); R] = core::array::from_fn(|i| {
-            let a = _mm512_set1_ps(s2[i]);
+            let a = _mm512_set1_ps(p.p2_scales[e * R + i].to_f32());
             (a, a)
         });
         let codes = &p.p2_codes[e * bs..(e + 1) * bs];
@@ -262,11 +505,11 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
                 step::<NB, false, INT8>(cv, blk * 32, &sw, &digit, &pn, &x, &mut acc);
             }
         } else {
-            for u in 0..bs / 64 {
+            for u in 0..bs >> 6 {
                 // SAFETY: 64u + 64 <= bs = codes.len(); column blk * bs + 64u + 64 <= kp <= stride.
                 unsafe {
                     let cv = _mm512_loadu_si512(codes.as_ptr().add(64 * u) as *const _);
-                    step::<NB, false, INT8>(cv, blk * bs + 64 * u, &sw, &digit, &pn, &x, &mut acc);
+                    step::<NB, false, INT8>(cv, (blk << lb) + 64 * u, &sw, &digit, &pn, &x, &mut acc);
                 }
             }
         }
@@ -290,30 +533,37 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
 ///
 /// # Safety
 /// `xf` points to `c.x.stride` floats; AVX-512F + F16C present.
-#[inline(always)]
-unsafe fn predators(c: &Ctx, r: usize, xf: *const f32) -> f32 {
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+pub(super) unsafe fn predators(c: &Ctx, r: usize, xf: *const f32) -> f32 {
     let p = c.p;
     let range = c.predators(r);
     let cols = &p.out_cols[range.clone()];
     let vals = &p.out_vals[range];
     // An invalid column reads x[stride - 1] (always 0) instead of out of bounds.
-    let last = _mm512_set1_epi32((c.x.stride - 1) as i32);
-    let mut sum = _mm512_setzero_ps();
-    let mut j = 0;
-    while j < cols.len() {
-        let n = (cols.len() - j).min(16);
-        let m: __mmask16 = if n == 16 { 0xFFFF } else { (1u16 << n) - 1 };
-        // SAFETY: lanes past n are masked off, so the loads touch only cols[j..j + n] and
-        // vals[j..j + n]; every gathered index is clamped to <= stride - 1, inside xf.
-        unsafe {
-            let idx = _mm512_min_epu32(_mm512_maskz_loadu_epi32(m, cols.as_ptr().add(j) as *const i32), last);
-            let v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, vals.as_ptr().add(j) as *const i16));
-            let xv = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, idx, xf);
-            sum = _mm512_fmadd_ps(v, xv, sum);
-        }
-        j += n;
+    let last = c.x.stride - 1;
+    // Scalar loads of x (gathers are slow on Zen 4), F16C conversion of each value in a
+    // register, four partial sums to keep the adds independent.
+    // SAFETY: every index is clamped to <= stride - 1, inside xf.
+    let term = |k: usize| -> f32 {
+        let v = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(vals[k].to_bits() as i32)));
+        v * unsafe { *xf.add((cols[k] as usize).min(last)) }
+    };
+    let (mut s0, mut s1, mut s2, mut s3) = (0f32, 0f32, 0f32, 0f32);
+    let n = cols.len().min(vals.len());
+    let mut k = 0;
+    while k + 4 <= n {
+        s0 += term(k);
+        s1 += term(k + 1);
+        s2 += term(k + 2);
+        s3 += term(k + 3);
+        k += 4;
     }
-    _mm512_reduce_add_ps(sum)
+    while k < n {
+        s0 += term(k);
+        k += 1;
+    }
+    (s0 + s1) + (s2 + s3)
 }
 
 /// One 64-byte code vector `cv` against columns `col..col + 64` of the tile's activations,

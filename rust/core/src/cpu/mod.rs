@@ -144,12 +144,12 @@ pub fn matmul_with(
         return Ok(());
     }
     let level = if level.supported() { level } else { Level::Scalar };
-    let prep = Prep::new(x, batch, &d, act);
+    let prep = Prep::new(x, batch, &d, act, level);
     let ctx = Ctx { p, d, act, batch, x: &prep };
     let per_group = ROWS_PER_GROUP * batch;
     let mut tmp = vec![0f32; d.n_groups * per_group];
     let run = |g0: usize, out: &mut [f32]| {
-        let mut scratch = vec![0f32; ROWS_PER_GROUP * (d.n_blocks + 1) + 16];
+        let mut scratch = Scratch::new(&d);
         match level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `level.supported()` was checked above, so the CPU has every feature the
@@ -219,6 +219,19 @@ fn check(p: &PackedMatrix, x: &[f32], batch: usize, y: &[f32]) -> Result<Dims, K
     Ok(d)
 }
 
+/// Per-task scratch of the fast kernels: `f`, two [5][nb + 16] tables (plane-1 and plane-2
+/// scales of one group as f32) plus slack; `u`, one value per block (+ slack).
+pub(crate) struct Scratch {
+    pub f: Vec<f32>,
+    pub u: Vec<u32>,
+}
+
+impl Scratch {
+    pub fn new(d: &Dims) -> Scratch {
+        Scratch { f: vec![0.0; 2 * ROWS_PER_GROUP * (d.n_blocks + 16) + 64], u: vec![0; d.n_blocks + 16] }
+    }
+}
+
 /// Everything a kernel reads, with the sizes it relies on:
 /// * `p` passed `check` (array lengths as in FORMAT.md for `d`);
 /// * `x.xf[b]` (and, for int8, `x.xq[b]`, `x.nxq[b]`) hold `x.stride >= kv + 64` values, where
@@ -258,6 +271,13 @@ impl Ctx<'_> {
     }
 }
 
+/// The 32-column chunk (0..16) that dword lane `l` of the AVX-512 superblock layout covers:
+/// lane `l = 4 m + j` holds source vector `4 (m / 2) + j`, half `m % 2` (see `avx512::transpose8`).
+pub(crate) const fn lane_chunk(l: usize) -> usize {
+    let (m, j) = (l / 4, l % 4);
+    2 * (4 * (m / 2) + j) + m % 2
+}
+
 /// The activations, padded and (for int8) quantized once per call.
 pub(crate) struct Prep {
     /// Values per batch vector in `xf`, `xq`, `nxq`: a multiple of 64, at least `kv + 64`.
@@ -272,10 +292,19 @@ pub(crate) struct Prep {
     pub sx: Vec<f32>,
     /// s_j repeated for each 4-column lane of its chunk, [batch][stride / 4] (int8 only).
     pub sxl: Vec<f32>,
+    /// xq in the superblock layout of the AVX-512 kernel (int8 + AVX-512 only, else empty):
+    /// for superblock `sb` (columns 512 sb..), vector `v` (0..8), lane `L` (0..16), byte `j`:
+    /// `xt[512 sb + 64 v + 4 L + j] = xq[512 sb + 32 lane_chunk(L) + 4 v + j]`, so lane `L` of
+    /// all 8 vectors covers chunk `lane_chunk(L)` of the superblock. [batch][stride].
+    pub xt: Vec<i8>,
+    /// -xt.
+    pub nxt: Vec<i8>,
+    /// Chunk scales in the same lane order: `sxt[16 sb + L] = sx[16 sb + lane_chunk(L)]`.
+    pub sxt: Vec<f32>,
 }
 
 impl Prep {
-    fn new(x: &[f32], batch: usize, d: &Dims, act: Activations) -> Prep {
+    fn new(x: &[f32], batch: usize, d: &Dims, act: Activations, level: Level) -> Prep {
         let k = d.cols;
         let stride = d.padded_cols.div_ceil(64) * 64 + 64;
         let mut xf = vec![0f32; batch * stride];
@@ -294,7 +323,29 @@ impl Prep {
             nxq = xq.iter().map(|&q| -q).collect();
             sxl = sx.iter().flat_map(|&s| [s; QUANT_CHUNK / 4]).collect();
         }
-        Prep { stride, xf, xq, nxq, sx, sxl }
+        let (mut xt, mut nxt, mut sxt) = (Vec::new(), Vec::new(), Vec::new());
+        if act == Activations::Int8 && level == Level::Avx512 {
+            xt = vec![0i8; batch * stride];
+            sxt = vec![0f32; batch * stride / QUANT_CHUNK];
+            let n_sb = d.padded_cols / 512;
+            for b in 0..batch {
+                let (q, t) = (&xq[b * stride..(b + 1) * stride], &mut xt[b * stride..(b + 1) * stride]);
+                let (s, st) = (&sx[b * stride / 32..(b + 1) * stride / 32], &mut sxt[b * stride / 32..(b + 1) * stride / 32]);
+                for sb in 0..n_sb {
+                    for l in 0..16 {
+                        let c = lane_chunk(l);
+                        st[16 * sb + l] = s[16 * sb + c];
+                        for v in 0..8 {
+                            let from = 512 * sb + 32 * c + 4 * v;
+                            let to = 512 * sb + 64 * v + 4 * l;
+                            t[to..to + 4].copy_from_slice(&q[from..from + 4]);
+                        }
+                    }
+                }
+            }
+            nxt = xt.iter().map(|&q| -q).collect();
+        }
+        Prep { stride, xf, xq, nxq, sx, sxl, xt, nxt, sxt }
     }
     /// Padded float32 x of batch vector `b`.
     #[inline]

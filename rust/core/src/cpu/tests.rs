@@ -297,6 +297,21 @@ fn every_batch_size() {
 }
 
 #[test]
+fn superblock_paths() {
+    // K spanning whole 512-column superblocks (AVX-512 int8 path) plus tails of every kind.
+    let mut seed = 1300;
+    for &block in &crate::format::BLOCK_SIZES {
+        for &k in &[512, 1024 + 64, 1536 + 17, 2048 - 1] {
+            for &(p2, out) in &[(0.6, 0.02), (1.0, 0.0), (0.1, 0.0)] {
+                seed += 1;
+                let p = random_packed(7, k, block, p2, out, seed);
+                check_all(&p, &[1, 3, 8, 9], seed, 1.0, false);
+            }
+        }
+    }
+}
+
+#[test]
 fn larger_matrix_parallel_path() {
     // Enough work for the rayon path (n_groups * Kp >= 2^17).
     let p = random_packed(203, 2304, 64, 0.6, 0.01, 400);
@@ -466,4 +481,78 @@ fn thread_pool() {
     set_num_threads(0).unwrap();
     assert_eq!(num_threads(), std::thread::available_parallelism().unwrap().get());
     assert!(set_num_threads(1 << 20).is_err());
+}
+
+#[repr(C)]
+struct Timespec {
+    sec: i64,
+    nsec: i64,
+}
+extern "C" {
+    fn clock_gettime(clk: i32, ts: *mut Timespec) -> i32;
+}
+/// CPU time of the calling thread (Linux CLOCK_THREAD_CPUTIME_ID), robust to other load.
+fn thread_cpu() -> f64 {
+    let mut t = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: `t` is a valid, writable timespec; clock 3 is CLOCK_THREAD_CPUTIME_ID on Linux.
+    unsafe { clock_gettime(3, &mut t) };
+    t.sec as f64 + t.nsec as f64 * 1e-9
+}
+
+/// Development timing (not a test of speed; run with `--ignored --nocapture`): one thread,
+/// all groups in the calling thread, thread CPU time (so other load on the machine matters less).
+#[test]
+#[ignore]
+fn timing_print() {
+    let shapes: Vec<(usize, usize)> = std::env::var("PP_SHAPES").ok().map(|s| {
+        s.split(',').map(|t| { let mut it = t.split('x').map(|v| v.parse().unwrap()); (it.next().unwrap(), it.next().unwrap()) }).collect()
+    }).unwrap_or(vec![(4096, 14336), (14336, 4096)]);
+    let batches: Vec<usize> = std::env::var("PP_BATCH").ok().map(|s| s.split(',').map(|v| v.parse().unwrap()).collect()).unwrap_or(vec![1]);
+    let block: usize = std::env::var("PP_BLOCK").ok().map(|s| s.parse().unwrap()).unwrap_or(64);
+    for (n, k) in shapes {
+        let dens: Vec<f64> = std::env::var("PP_DENS").ok().map(|s| s.split(',').map(|v| v.parse().unwrap()).collect()).unwrap_or(vec![0.6, 0.01]);
+        let p = random_packed(n, k, block, dens[0], dens[1], 7);
+        let mut rng = Rng::new(8);
+        let d = p.dims();
+        let mut tsum: Vec<f64> = (0..10).map(|_| { let t = thread_cpu(); let s: u64 = p.codes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).fold(0, |a, v| a ^ v); std::hint::black_box(s); thread_cpu() - t }).collect();
+        tsum.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        println!("{n}x{k}: streaming read of codes ({} MB): {:.3} ms, {:.1} GB/s", p.codes.len() >> 20, tsum[5] * 1e3, p.codes.len() as f64 / tsum[5] / 1e9);
+        for &batch in &batches {
+            let x = random_x(&mut rng, batch * k, 1.0, false);
+            for level in levels() {
+                if level == Level::Scalar { continue; }
+                for act in [Activations::Int8, Activations::F32] {
+                    let prep = Prep::new(&x, batch, &d, act, level);
+                    let ctx = Ctx { p: &p, d, act, batch, x: &prep };
+                    let mut out = vec![0f32; d.n_groups * 5 * batch];
+                    let mut scratch = Scratch::new(&d);
+                    let mut once = || match level {
+                        // SAFETY: level is supported (levels()), ctx built as in matmul_with.
+                        Level::Avx512 => unsafe { avx512::groups(&ctx, 0, &mut out, &mut scratch) },
+                        // SAFETY: as above.
+                        Level::Avx2 => unsafe { avx2::groups(&ctx, 0, &mut out, &mut scratch) },
+                        Level::Scalar => scalar::groups(&ctx, 0, &mut out),
+                    };
+                    if level == Level::Avx512 {
+                        let mut tp: Vec<f64> = (0..10).map(|_| {
+                            let t = thread_cpu();
+                            let mut acc = 0f32;
+                            for r in 0..n {
+                                // SAFETY: AVX-512 supported (levels()); xf has stride floats.
+                                acc += unsafe { avx512::predators(&ctx, r, prep.xf.as_ptr()) };
+                            }
+                            std::hint::black_box(acc);
+                            thread_cpu() - t
+                        }).collect();
+                        tp.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                        println!("  predators alone: {:.3} ms ({} predators, {:.2} ns each)", tp[5] * 1e3, p.n_outliers(), tp[5] * 1e9 / p.n_outliers().max(1) as f64);
+                    }
+                    once();
+                    let mut ts: Vec<f64> = (0..15).map(|_| { let t = thread_cpu(); once(); thread_cpu() - t }).collect();
+                    ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                    println!("{n}x{k} B={block} batch={batch} {level:?} {act:?}: cpu median {:.3} ms  min {:.3} ms  ({:.2} ns/weight/vector)", ts[7] * 1e3, ts[0] * 1e3, ts[7] * 1e9 / (n * k * batch) as f64);
+                }
+            }
+        }
+    }
 }
