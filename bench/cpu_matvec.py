@@ -1,0 +1,134 @@
+"""CPU mat-vec benchmark: ours (float32 and int8 activations) vs numpy float32 ``W @ x``, same
+process, same shapes, same data.
+
+Weights are heavy-tailed (Student-t, 5 degrees of freedom) and compressed with
+``pp.compress(W, bits=3.0)``. Hot: the same matrix again and again. Cold: rotating over distinct
+matrices whose packed (ours) / float32 (numpy) sizes add up to more than 3x the last-level cache.
+Threads: 1 and all (``pp.set_num_threads``; numpy's BLAS threads via threadpoolctl when present,
+else as configured). Median of many runs after warm-up, with the spread (IQR / median).
+Effective GB/s = bytes of the weights read (packed bytes for ours, 4 N K for numpy) / time.
+
+    python bench/cpu_matvec.py [--quick] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+import predprey_rs as pp
+
+LLC = 32 << 20  # bytes; overridden by /sys when readable
+
+
+def llc_bytes() -> int:
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for d in os.listdir(base):
+            try:
+                with open(f"{base}/{d}/size") as f:
+                    s = f.read().strip()
+                v = int(s[:-1]) * (1 << 10 if s.endswith("K") else 1 << 20 if s.endswith("M") else 1)
+                best = max(best, v)
+            except (OSError, ValueError):
+                pass
+    except OSError:
+        pass
+    return best or LLC
+
+
+def timeit(fn, n: int) -> tuple[float, float]:
+    for _ in range(3):
+        fn(0)
+    ts = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        fn(i)
+        ts.append(time.perf_counter() - t0)
+    ts = np.array(ts)
+    q1, med, q3 = np.percentile(ts, [25, 50, 75])
+    return float(med), float((q3 - q1) / med)
+
+
+def blas_threads(n: int | None):
+    try:
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(limits=n)
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer runs, hot cache only for the big shapes")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON on the last line")
+    ap.add_argument("--bits", type=float, default=3.0)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    llc = llc_bytes()
+    ncpu = os.cpu_count() or 1
+    print(f"CPU kernel: {pp._core.cpu_kernel()}; {ncpu} cores; last-level cache {llc >> 20} MiB; "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '-')} OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '-')}")
+    rows = []
+    shapes = [(4096, 14336), (14336, 4096), (576, 1536)]
+    for n, k in shapes:
+        w0 = rng.standard_t(5, size=(n, k)).astype(np.float32)
+        t0 = time.perf_counter()
+        p0 = pp.compress(w0, bits=args.bits)
+        tc = time.perf_counter() - t0
+        # cold: enough distinct matrices that each sweep overflows the LLC 3x
+        n_np = max(1, -(-3 * llc // (4 * n * k)))
+        n_pp = max(1, -(-3 * llc // p0.nbytes))
+        if args.quick:
+            n_np = n_pp = 1
+        ws = [w0] + [rng.standard_t(5, size=(n, k)).astype(np.float32) for _ in range(n_np - 1)]
+        ps = [p0] + [pp.compress(rng.standard_t(5, size=(n, k)).astype(np.float32), bits=args.bits) for _ in range(n_pp - 1)]
+        x = rng.standard_normal(k).astype(np.float32)
+        runs = 20 if args.quick else 60
+        for threads in (1, 0):
+            pp.set_num_threads(threads)
+            tl = 1 if threads == 1 else None
+            with blas_threads(tl):
+                res = {}
+                for cache in ("hot", "cold") if not args.quick else ("hot",):
+                    wl = ws[:1] if cache == "hot" else ws
+                    pl = ps[:1] if cache == "hot" else ps
+                    res[cache] = {
+                        "numpy": timeit(lambda i: wl[i % len(wl)] @ x, runs),
+                        "f32": timeit(lambda i: pp.matvec(pl[i % len(pl)], x), runs),
+                        "int8": timeit(lambda i: pp.matvec(pl[i % len(pl)], x, activations="int8"), runs * 2),
+                    }
+            for cache, r in res.items():
+                tn = r["numpy"][0]
+                rows.append(dict(
+                    shape=f"{n}x{k}", threads=threads or ncpu, cache=cache, bits=p0.bits_per_weight,
+                    numpy_ms=1e3 * tn, numpy_spread=r["numpy"][1],
+                    f32_ms=1e3 * r["f32"][0], f32_spread=r["f32"][1], f32_x=tn / r["f32"][0],
+                    int8_ms=1e3 * r["int8"][0], int8_spread=r["int8"][1], int8_x=tn / r["int8"][0],
+                    numpy_gbs=4 * n * k / tn / 1e9, int8_gbs=p0.nbytes / r["int8"][0] / 1e9,
+                    f32_gbs=p0.nbytes / r["f32"][0] / 1e9, compress_mws=n * k / tc / 1e6,
+                ))
+        pp.set_num_threads(0)
+    head = f"{'shape':>11} {'thr':>3} {'cache':>5} {'bits':>5} {'numpy ms':>9} {'ours f32 ms':>11} {'x':>5} {'ours int8 ms':>12} {'x':>5} {'GB/s np':>8} {'GB/s i8':>8} {'spread np/f32/i8':>17}"
+    print(head)
+    for r in rows:
+        print(f"{r['shape']:>11} {r['threads']:>3} {r['cache']:>5} {r['bits']:5.2f} {r['numpy_ms']:9.3f} {r['f32_ms']:11.3f} "
+              f"{r['f32_x']:5.1f} {r['int8_ms']:12.3f} {r['int8_x']:5.1f} {r['numpy_gbs']:8.1f} {r['int8_gbs']:8.1f} "
+              f"{r['numpy_spread']:5.0%}/{r['f32_spread']:4.0%}/{r['int8_spread']:4.0%}")
+    for n, k in shapes:
+        r = next(r for r in rows if r["shape"] == f"{n}x{k}")
+        print(f"compress {n}x{k} at {args.bits} bits: {r['compress_mws']:.1f} M weights/s (all threads)")
+    if args.json:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
