@@ -520,6 +520,14 @@ fn decide(stats: &[[[f32; NM]; 2]], rows_in_group: usize, lambda: f64, pred_bits
     (best.0, best.1, best.3)
 }
 
+/// The importance to weight errors with: the given one, or all ones (plain squared error).
+fn importance_or_ones(importance: Option<&[f32]>, cols: usize) -> std::borrow::Cow<'_, [f32]> {
+    match importance {
+        Some(h) => std::borrow::Cow::Borrowed(h),
+        None => std::borrow::Cow::Owned(vec![1f32; cols]),
+    }
+}
+
 /// Errors of every option of every row-block of one matrix: everything the bit allocation
 /// needs. Built once; `total_bits(lambda)` / `encode(lambda)` then price any trade-off, so a
 /// caller can also spread one budget over many matrices with a shared `lambda`.
@@ -534,14 +542,8 @@ impl Analysis {
     /// Fits every option of every block of `w` (float32 [rows, cols], row-major).
     pub fn new(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>, cfg: &QuantConfig) -> Result<Analysis, QuantError> {
         let d = check_weights(w, rows, cols, importance, cfg.block_size)?;
-        let ones;
-        let h: &[f32] = match importance {
-            Some(h) => h,
-            None => {
-                ones = vec![1f32; cols];
-                &ones
-            }
-        };
+        let h = importance_or_ones(importance, cols);
+        let h: &[f32] = &h;
         let nb = d.n_blocks;
         let stats: Vec<[[f32; NM]; 2]> = (0..rows)
             .into_par_iter()
@@ -656,14 +658,8 @@ pub fn encode(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f64, 
     if w.len() != rows * cols || importance.is_some_and(|h| h.len() != cols) {
         return Err(QuantError::Shape("encode: weight/importance do not match the analysis".into()));
     }
-    let ones;
-    let h: &[f32] = match importance {
-        Some(h) => h,
-        None => {
-            ones = vec![1f32; cols];
-            &ones
-        }
-    };
+    let h = importance_or_ones(importance, cols);
+    let h: &[f32] = &h;
     // 3. Encode each group with the chosen options.
     struct GroupOut {
         codes: Vec<u8>,
