@@ -220,15 +220,14 @@ fn check(p: &PackedMatrix, x: &[f32], batch: usize, y: &[f32]) -> Result<Dims, K
 }
 
 /// Per-task scratch of the fast kernels: `f`, two [5][nb + 16] tables (plane-1 and plane-2
-/// scales of one group as f32) plus slack; `u`, one value per block (+ slack).
+/// scales of one group as f32) plus slack.
 pub(crate) struct Scratch {
     pub f: Vec<f32>,
-    pub u: Vec<u32>,
 }
 
 impl Scratch {
     pub fn new(d: &Dims) -> Scratch {
-        Scratch { f: vec![0.0; 2 * ROWS_PER_GROUP * (d.n_blocks + 16) + 64], u: vec![0; d.n_blocks + 16] }
+        Scratch { f: vec![0.0; 2 * ROWS_PER_GROUP * (d.n_blocks + 16) + 64] }
     }
 }
 
@@ -379,8 +378,12 @@ pub fn quantize_chunk(x: &[f32], q: &mut [i8]) -> f32 {
         q.fill(0);
         return 0.0;
     }
+    // Round half to even by the 1.5 * 2^23 trick (exact for |v / s| < 2^22, here <= ~127;
+    // unlike `round_ties_even` it needs no SSE4.1, so it vectorizes on baseline x86-64).
+    const MAGIC: f32 = 12_582_912.0;
     for (q, v) in q.iter_mut().zip(x) {
-        *q = (v / s).round_ties_even().clamp(-127.0, 127.0) as i8;
+        let r = ((v / s) + MAGIC) - MAGIC;
+        *q = r.clamp(-127.0, 127.0) as i8;
     }
     s
 }

@@ -522,6 +522,9 @@ fn timing_print() {
             for level in levels() {
                 if level == Level::Scalar { continue; }
                 for act in [Activations::Int8, Activations::F32] {
+                    let mut tpr: Vec<f64> = (0..10).map(|_| { let t = thread_cpu(); std::hint::black_box(Prep::new(&x, batch, &d, act, level)); thread_cpu() - t }).collect();
+                    tpr.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                    println!("  {level:?} {act:?} Prep::new: {:.3} ms", tpr[5] * 1e3);
                     let prep = Prep::new(&x, batch, &d, act, level);
                     let ctx = Ctx { p: &p, d, act, batch, x: &prep };
                     let mut out = vec![0f32; d.n_groups * 5 * batch];
