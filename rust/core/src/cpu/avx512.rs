@@ -98,8 +98,9 @@ struct XPtrs<const NB: usize> {
     sxl: [*const f32; NB],
     sx: [*const f32; NB],
     xt: [*const i8; NB],
-    nxt: [*const i8; NB],
     sxt: [*const f32; NB],
+    qsum: [*const i32; NB],
+    qsumt: [*const i32; NB],
 }
 
 impl<const NB: usize> XPtrs<NB> {
@@ -114,8 +115,10 @@ impl<const NB: usize> XPtrs<NB> {
             sxl: core::array::from_fn(|b| if int8 { x.sxl[(b0 + b) * s / 4..].as_ptr() } else { core::ptr::null() }),
             sx: core::array::from_fn(|b| if int8 { x.sx[(b0 + b) * s / 32..].as_ptr() } else { core::ptr::null() }),
             xt: core::array::from_fn(|b| if int8 { x.xt[(b0 + b) * s..].as_ptr() } else { core::ptr::null() }),
-            nxt: core::array::from_fn(|b| if int8 { x.nxt[(b0 + b) * s..].as_ptr() } else { core::ptr::null() }),
+
             sxt: core::array::from_fn(|b| if int8 { x.sxt[(b0 + b) * s / 32..].as_ptr() } else { core::ptr::null() }),
+            qsum: core::array::from_fn(|b| if int8 { x.qsum[(b0 + b) * s / 32..].as_ptr() } else { core::ptr::null() }),
+            qsumt: core::array::from_fn(|b| if int8 { x.qsumt[(b0 + b) * s / 32..].as_ptr() } else { core::ptr::null() }),
         }
     }
 }
@@ -183,28 +186,32 @@ unsafe fn cvt16(src: *const half::f16, dst: *mut f32, n: usize) {
 }
 
 /// Fills the scratch for group `g`: `f[i * srow(nb) + blk]` = plane-1 scale of row i, block
-/// blk, and (if `p2`) `f[(5 + i) * srow(nb) + k]` = plane-2 scale of row i in the group's k-th
-/// entry, k < min(entries, nb) (as f32; 0 for padding rows and after each row).
+/// blk (0 for padding rows and for the 16 floats after each row), and (if `p2`)
+/// `f[(5 + i) * srow(nb) + k]` = plane-2 scale of row i in the group's k-th entry, for
+/// k < min(entries, nb) (as f32; other values of that table are stale).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
 unsafe fn row_scales(c: &Ctx, g: usize, scr: &mut Scratch, p2: bool) {
     let nb = c.d.n_blocks;
     let rs = srow(nb);
     let f = &mut scr.f[..2 * R * rs];
-    f.fill(0.0);
     for i in 0..R {
         let r = g * R + i;
+        let row = &mut f[i * rs..(i + 1) * rs];
+        row[nb..].fill(0.0);
         if r >= c.p.rows {
+            row[..nb].fill(0.0);
             continue;
         }
         let src = &c.p.scales[r * nb..(r + 1) * nb];
-        let dst = &mut f[i * rs..i * rs + nb];
         let mut k = 0;
         while k < nb {
-            // SAFETY: k + min(16, nb - k) <= nb = src.len() = dst.len().
-            unsafe { cvt16(src.as_ptr().add(k), dst.as_mut_ptr().add(k), nb - k) };
+            // SAFETY: k + min(16, nb - k) <= nb = src.len() <= row.len().
+            unsafe { cvt16(src.as_ptr().add(k), row.as_mut_ptr().add(k), nb - k) };
             k += 16;
         }
     }
+    // (The plane-2 table needs no clearing: only lanes of the entries being processed are
+    // selected from it.)
     if p2 {
         // Plane-2 scales in entry order, for the group's first min(entries, nb) entries.
         let es = c.p2_entries(g);
@@ -335,82 +342,98 @@ struct Idx([i32; 16]);
 static LANE_UNIT: [Idx; 4] = [Idx(lane_tables(32).0), Idx(lane_tables(64).0), Idx(lane_tables(128).0), Idx(lane_tables(256).0)];
 static LANE_OFF: [Idx; 4] = [Idx(lane_tables(32).1), Idx(lane_tables(64).1), Idx(lane_tables(128).1), Idx(lane_tables(256).1)];
 
-/// Digits `c'` of rows 0..4 of `a` in one byte, two bits each (`c'_0 | c'_1 << 2 | c'_2 << 4 |
-/// c'_3 << 6`), for the superblock kernel. Row 4 is `1 + (a >= 41)` and needs no table.
-const fn packed_lut() -> Lut {
-    let mut t = [0u8; 128];
-    let mut a = 0;
-    while a < 128 {
-        let mut i = 0;
+/// Digits `c` of rows 0..3 of a code byte in one byte, two bits each (`c_0 | c_1 << 2 |
+/// c_2 << 4 | c_3 << 6`), for the superblock kernel: `[0]` for bytes 0..128, `[1]` for
+/// 128..256 (invalid bytes 243..255 read as ternary zeros). Row 4 needs no table (below).
+const fn packed_luts() -> [Lut; 2] {
+    let mut t = [[0u8; 128]; 2];
+    let mut b = 0;
+    while b < 256 {
+        let v = if b < 243 { b } else { 121 };
+        let (mut x, mut i, mut packed) = (v, 0, 0u8);
         while i < 4 {
-            t[a] |= bal_digit(a, i) << (2 * i);
+            packed |= ((x % 3) as u8) << (2 * i);
+            x /= 3;
             i += 1;
         }
-        a += 1;
+        t[b / 128][b % 128] = packed;
+        b += 1;
     }
-    Lut(t)
+    [Lut(t[0]), Lut(t[1])]
 }
 
-static PACKED_LUT: Lut = packed_lut();
+static PACKED_LUTS: [Lut; 2] = packed_luts();
 
-/// Integer accumulators of one superblock, per batch vector b: with `D_i = sum c'_i xs`,
-/// `e[k][b] = sum_{i <= k} 4^i D_i` for k = 0..4 (rows 0..3 from the packed digits masked to
-/// 2, 4, 6, 8 bits), `e[4][b] = D_4`, and `ac[b] = sum dpbusd(1, -xs)`. The ternary dot of
-/// lane L (one 32-column chunk) of row i is `D_i + ac[b]`; `D_i = (e[i] - e[i-1]) >> 2i`
-/// exactly (|4^3 D_3| <= 64 * 8 * 1016 fits i32 easily).
+/// The inverse of 81 modulo 2^32: `(81 n) * INV81 = n` in wrapping i32 arithmetic.
+const INV81: i32 = {
+    // Newton iteration for the inverse of an odd number modulo 2^32.
+    let mut inv: u32 = 81;
+    let mut k = 0;
+    while k < 5 {
+        inv = inv.wrapping_mul(2u32.wrapping_sub(81u32.wrapping_mul(inv)));
+        k += 1;
+    }
+    inv as i32
+};
+
+/// Integer accumulators of one superblock, per batch vector b. With `D_i = sum_k c_ik q_k`
+/// (digits `c = t + 1`, not yet corrected): `e[k][b] = sum_{i <= k} 4^i D_i` for k = 0..4
+/// (rows 0..3 from the packed digits masked to 2, 4, 6, 8 bits) and `e[4][b] = sum_k b_k q_k
+/// = sum_i 3^i D_i` (the raw code byte). Exactly: `D_i = (e[i] - e[i-1]) >> 2i` for i < 4 and
+/// `D_4 = (e[4] - D_0 - 3 D_1 - 9 D_2 - 27 D_3) / 81`; the ternary dot of lane L (one
+/// 32-column chunk) is `D_i - sum_{k in chunk} q_k`. (|e[4]| <= 8 * 4 * 242 * 127 fits i32.)
 struct SbAcc<const NB: usize> {
     e: [[__m512i; NB]; R],
-    ac: [__m512i; NB],
 }
 
-/// Feeds one transposed code vector `cv` and the matching activations (`q`, `nq` per batch
-/// vector) into the superblock accumulators: one `vpermi2b` for rows 0..3, a compare for
-/// row 4, six `vpdpbusd` per batch vector.
+/// Feeds one transposed code vector `cv` and the matching activations `q` (per batch vector)
+/// into the superblock accumulators: two `vpermi2b` (256-entry table) and a blend for the
+/// packed digits of rows 0..3, three ANDs, five `vpdpbusd` per batch vector.
 #[inline(always)]
-unsafe fn sb_step<const NB: usize>(cv: __m512i, q: [__m512i; NB], nq: [__m512i; NB], packed: &(__m512i, __m512i), acc: &mut SbAcc<NB>) {
-    let sv = _mm512_sub_epi8(cv, _mm512_set1_epi8(121));
-    let a = _mm512_abs_epi8(sv);
-    let m: __mmask64 = _mm512_movepi8_mask(sv);
-    let c3 = _mm512_permutex2var_epi8(packed.0, a, packed.1);
+unsafe fn sb_step<const NB: usize>(cv: __m512i, q: [__m512i; NB], packed: &[(__m512i, __m512i); 2], acc: &mut SbAcc<NB>) {
+    let hi: __mmask64 = _mm512_movepi8_mask(cv);
+    let c3 = _mm512_mask_blend_epi8(
+        hi,
+        _mm512_permutex2var_epi8(packed[0].0, cv, packed[0].1),
+        _mm512_permutex2var_epi8(packed[1].0, cv, packed[1].1),
+    );
     let c2 = _mm512_and_si512(c3, _mm512_set1_epi8(0x3F));
     let c1 = _mm512_and_si512(c3, _mm512_set1_epi8(0x0F));
     let c0 = _mm512_and_si512(c3, _mm512_set1_epi8(0x03));
-    // Row 4: balanced digit 4 of a is +1 exactly when a >= 41 (41 = 1 + 3 + 9 + 27).
-    let c4 = _mm512_mask_blend_epi8(_mm512_cmpge_epu8_mask(a, _mm512_set1_epi8(41)), _mm512_set1_epi8(1), _mm512_set1_epi8(2));
     for b in 0..NB {
-        let xs = _mm512_mask_blend_epi8(m, q[b], nq[b]);
-        let nxs = _mm512_mask_blend_epi8(m, nq[b], q[b]);
-        acc.ac[b] = _mm512_dpbusd_epi32(acc.ac[b], _mm512_set1_epi8(1), nxs);
-        acc.e[0][b] = _mm512_dpbusd_epi32(acc.e[0][b], c0, xs);
-        acc.e[1][b] = _mm512_dpbusd_epi32(acc.e[1][b], c1, xs);
-        acc.e[2][b] = _mm512_dpbusd_epi32(acc.e[2][b], c2, xs);
-        acc.e[3][b] = _mm512_dpbusd_epi32(acc.e[3][b], c3, xs);
-        acc.e[4][b] = _mm512_dpbusd_epi32(acc.e[4][b], c4, xs);
+        acc.e[0][b] = _mm512_dpbusd_epi32(acc.e[0][b], c0, q[b]);
+        acc.e[1][b] = _mm512_dpbusd_epi32(acc.e[1][b], c1, q[b]);
+        acc.e[2][b] = _mm512_dpbusd_epi32(acc.e[2][b], c2, q[b]);
+        acc.e[3][b] = _mm512_dpbusd_epi32(acc.e[3][b], c3, q[b]);
+        acc.e[4][b] = _mm512_dpbusd_epi32(acc.e[4][b], cv, q[b]);
     }
 }
 
-/// Adds a finished superblock to the float accumulators: `acc[i][b] += (D_i + ac) * sw[i] * sx[b]`.
+/// Adds a finished superblock to the float accumulators:
+/// `acc[i][b] += (D_i - qs[b]) * sw[i] * sx[b]` (`qs` = the lanes' chunk sums of q).
 #[inline(always)]
-unsafe fn sb_finish<const NB: usize>(s: &SbAcc<NB>, sw: &[__m512; R], sx: &[__m512; NB], acc: &mut [[__m512; NB]; R]) {
+unsafe fn sb_finish<const NB: usize>(s: &SbAcc<NB>, qs: &[__m512i; NB], sw: &[__m512; R], sx: &[__m512; NB], acc: &mut [[__m512; NB]; R]) {
     for b in 0..NB {
         let e = [s.e[0][b], s.e[1][b], s.e[2][b], s.e[3][b], s.e[4][b]];
-        let d = [
-            e[0],
-            _mm512_srai_epi32::<2>(_mm512_sub_epi32(e[1], e[0])),
-            _mm512_srai_epi32::<4>(_mm512_sub_epi32(e[2], e[1])),
-            _mm512_srai_epi32::<6>(_mm512_sub_epi32(e[3], e[2])),
-            e[4],
-        ];
+        let d1 = _mm512_srai_epi32::<2>(_mm512_sub_epi32(e[1], e[0]));
+        let d2 = _mm512_srai_epi32::<4>(_mm512_sub_epi32(e[2], e[1]));
+        let d3 = _mm512_srai_epi32::<6>(_mm512_sub_epi32(e[3], e[2]));
+        // e4 - (D0 + 3 D1 + 9 D2 + 27 D3) = e4 - e0 - 3 (D1 + 3 (D2 + 3 D3)) = 81 D4.
+        let three = |v: __m512i| _mm512_add_epi32(v, _mm512_add_epi32(v, v));
+        let inner = _mm512_add_epi32(d1, three(_mm512_add_epi32(d2, three(d3))));
+        let r81 = _mm512_sub_epi32(_mm512_sub_epi32(e[4], e[0]), three(inner));
+        let d4 = _mm512_mullo_epi32(r81, _mm512_set1_epi32(INV81));
+        let d = [e[0], d1, d2, d3, d4];
         for i in 0..R {
-            let t = _mm512_cvtepi32_ps(_mm512_add_epi32(d[i], s.ac[b]));
+            let t = _mm512_cvtepi32_ps(_mm512_sub_epi32(d[i], qs[b]));
             acc[i][b] = _mm512_fmadd_ps(t, _mm512_mul_ps(sw[i], sx[b]), acc[i][b]);
         }
     }
 }
 
 /// One plane of one superblock: the 8 transposed code vectors `t` against the transposed
-/// activations `q` (and `nq = -q`) per vector and batch vector, accumulated into `acc` with
-/// lane scales `sw` (per row) and `sx` (per batch vector).
+/// activations `q` per vector and batch vector, accumulated into `acc` with lane chunk sums
+/// `qs`, lane scales `sw` (per row) and `sx` (per batch vector).
 ///
 /// # Safety
 /// The CPU has the features of `group`.
@@ -418,19 +441,19 @@ unsafe fn sb_finish<const NB: usize>(s: &SbAcc<NB>, sw: &[__m512; R], sx: &[__m5
 unsafe fn sb_plane<const NB: usize>(
     t: &[__m512i; 8],
     q: &[[__m512i; NB]; 8],
-    nq: &[[__m512i; NB]; 8],
-    packed: &(__m512i, __m512i),
+    qs: &[__m512i; NB],
+    packed: &[(__m512i, __m512i); 2],
     sw: &[__m512; R],
     sx: &[__m512; NB],
     acc: &mut [[__m512; NB]; R],
 ) {
-    let mut s = SbAcc::<NB> { e: [[_mm512_setzero_si512(); NB]; R], ac: [_mm512_setzero_si512(); NB] };
+    let mut s = SbAcc::<NB> { e: [[_mm512_setzero_si512(); NB]; R] };
     for v in 0..8 {
         // SAFETY: features per the caller.
-        unsafe { sb_step::<NB>(t[v], q[v], nq[v], packed, &mut s) };
+        unsafe { sb_step::<NB>(t[v], q[v], packed, &mut s) };
     }
     // SAFETY: features per the caller.
-    unsafe { sb_finish::<NB>(&s, sw, sx, acc) };
+    unsafe { sb_finish::<NB>(&s, qs, sw, sx, acc) };
 }
 
 /// One group for batch vectors `b0..b0 + NB`. `B32`: block size 32 (a 64-column vector spans
@@ -460,7 +483,7 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
     let digit = unsafe { [0, 1, 2, 3, 4].map(|i| lut_regs(&DIGIT_LUTS[i])) };
     let pn = unsafe { [lut_regs(&POS_LUT), lut_regs(&NEG_LUT)] };
     // SAFETY: as above.
-    let packed = unsafe { lut_regs(&PACKED_LUT) };
+    let packed = unsafe { [lut_regs(&PACKED_LUTS[0]), lut_regs(&PACKED_LUTS[1])] };
     let mut acc = [[_mm512_setzero_ps(); NB]; R];
     let rs = srow(nb);
     let sf = &scr.f[..2 * R * rs];
@@ -500,21 +523,20 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
         let src: [__m512i; 8] = unsafe { core::array::from_fn(|s| _mm512_loadu_si512(base.as_ptr().add(512 * sb + 64 * s) as *const _)) };
         // SAFETY: AVX-512F present.
         let t1 = unsafe { transpose8(src) };
-        // SAFETY: sxt holds stride / 32 >= 16 sb + 16 floats per batch vector; the row
+        // SAFETY: sxt and qsumt hold stride / 32 >= 16 sb + 16 values per batch vector; the row
         // table has nb + 16 >= first + 16 floats; features per this function's contract.
         unsafe {
             let sx: [__m512; NB] = core::array::from_fn(|b| _mm512_loadu_ps(x.sxt[b].add(16 * sb)));
             let sw: [__m512; R] = core::array::from_fn(|i| _mm512_permutexvar_ps(unit, _mm512_loadu_ps(sf.as_ptr().add(i * rs + first))));
+            let qs: [__m512i; NB] = core::array::from_fn(|b| _mm512_loadu_si512(x.qsumt[b].add(16 * sb) as *const _));
             let mut q = [[_mm512_setzero_si512(); NB]; 8];
-            let mut nq = [[_mm512_setzero_si512(); NB]; 8];
             for v in 0..8 {
                 for b in 0..NB {
-                    // col + 64 <= kp <= stride; xt/nxt hold stride bytes per batch vector.
+                    // col + 64 <= kp <= stride; xt holds stride bytes per batch vector.
                     q[v][b] = _mm512_loadu_si512(x.xt[b].add(512 * sb + 64 * v) as *const _);
-                    nq[v][b] = _mm512_loadu_si512(x.nxt[b].add(512 * sb + 64 * v) as *const _);
                 }
             }
-            sb_plane::<NB>(&t1, &q, &nq, &packed, &sw, &sx, &mut acc);
+            sb_plane::<NB>(&t1, &q, &qs, &packed, &sw, &sx, &mut acc);
         }
     }
 
@@ -537,13 +559,12 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
         // SAFETY: codes.len() = per * B = 512; every activation load below starts at a block
         // start (blk < nb) plus an offset with offset + 64 <= B (or 32 bytes at offset 0 when
         // B = 32), so it ends before kp + 32 <= stride; the gather reads sx[blk * B / 32 + off]
-        // < kp / 32 <= stride / 32; the scale table rows have nb + 16 >= (e0 - start) + 16
+        // < kp / 32 <= stride / 32 (sx and qsum); the scale table rows have nb + 16 >= (e0 - start) + 16
         // floats (e0 - start + per <= min(entries, nb)); features per this function's contract.
         unsafe {
             let src: [__m512i; 8] = core::array::from_fn(|s| _mm512_loadu_si512(codes.as_ptr().add(64 * s) as *const _));
             let t2 = transpose8(src);
             let mut q = [[_mm512_setzero_si512(); NB]; 8];
-            let mut nq = [[_mm512_setzero_si512(); NB]; 8];
             for b in 0..NB {
                 let xq = x.xq[b];
                 let xs: [__m512i; 8] = core::array::from_fn(|s| {
@@ -558,7 +579,6 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
                 let xt = transpose8(xs);
                 for v in 0..8 {
                     q[v][b] = xt[v];
-                    nq[v][b] = _mm512_sub_epi8(_mm512_setzero_si512(), xt[v]);
                 }
             }
             // Lane L: entry unit[L] of the pseudo-superblock, chunk off[L] of its block.
@@ -567,9 +587,10 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
             let blocks = _mm512_min_epu32(_mm512_permutexvar_epi32(unit, blocks), last_blk);
             let idx = _mm512_add_epi32(_mm512_sllv_epi32(blocks, _mm512_set1_epi32(bsi as i32)), off);
             let sx: [__m512; NB] = core::array::from_fn(|b| _mm512_i32gather_ps::<4>(idx, x.sx[b]));
+            let qs: [__m512i; NB] = core::array::from_fn(|b| _mm512_i32gather_epi32::<4>(idx, x.qsum[b]));
             let k0 = e0 - es.start;
             let sw: [__m512; R] = core::array::from_fn(|i| _mm512_permutexvar_ps(unit, _mm512_loadu_ps(sf.as_ptr().add((R + i) * rs + k0))));
-            sb_plane::<NB>(&t2, &q, &nq, &packed, &sw, &sx, &mut acc);
+            sb_plane::<NB>(&t2, &q, &qs, &packed, &sw, &sx, &mut acc);
         }
     }
 

@@ -296,10 +296,12 @@ pub(crate) struct Prep {
     /// `xt[512 sb + 64 v + 4 L + j] = xq[512 sb + 32 lane_chunk(L) + 4 v + j]`, so lane `L` of
     /// all 8 vectors covers chunk `lane_chunk(L)` of the superblock. [batch][stride].
     pub xt: Vec<i8>,
-    /// -xt.
-    pub nxt: Vec<i8>,
     /// Chunk scales in the same lane order: `sxt[16 sb + L] = sx[16 sb + lane_chunk(L)]`.
     pub sxt: Vec<f32>,
+    /// Chunk sums `sum_{k in chunk j} xq_k`, [batch][stride / 32] (int8 + AVX-512 only).
+    pub qsum: Vec<i32>,
+    /// The same in the lane order of `xt`: `qsumt[16 sb + L] = qsum[16 sb + lane_chunk(L)]`.
+    pub qsumt: Vec<i32>,
 }
 
 impl Prep {
@@ -322,18 +324,22 @@ impl Prep {
             nxq = xq.iter().map(|&q| -q).collect();
             sxl = sx.iter().flat_map(|&s| [s; QUANT_CHUNK / 4]).collect();
         }
-        let (mut xt, mut nxt, mut sxt) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut xt, mut sxt, mut qsum, mut qsumt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         if act == Activations::Int8 && level == Level::Avx512 {
             xt = vec![0i8; batch * stride];
             sxt = vec![0f32; batch * stride / QUANT_CHUNK];
+            qsum = xq.chunks_exact(QUANT_CHUNK).map(|c| c.iter().map(|&v| v as i32).sum()).collect();
+            qsumt = vec![0i32; batch * stride / QUANT_CHUNK];
             let n_sb = d.padded_cols / 512;
             for b in 0..batch {
                 let (q, t) = (&xq[b * stride..(b + 1) * stride], &mut xt[b * stride..(b + 1) * stride]);
                 let (s, st) = (&sx[b * stride / 32..(b + 1) * stride / 32], &mut sxt[b * stride / 32..(b + 1) * stride / 32]);
+                let (qs, qst) = (&qsum[b * stride / 32..(b + 1) * stride / 32], &mut qsumt[b * stride / 32..(b + 1) * stride / 32]);
                 for sb in 0..n_sb {
                     for l in 0..16 {
                         let c = lane_chunk(l);
                         st[16 * sb + l] = s[16 * sb + c];
+                        qst[16 * sb + l] = qs[16 * sb + c];
                         for v in 0..8 {
                             let from = 512 * sb + 32 * c + 4 * v;
                             let to = 512 * sb + 64 * v + 4 * l;
@@ -342,9 +348,8 @@ impl Prep {
                     }
                 }
             }
-            nxt = xt.iter().map(|&q| -q).collect();
         }
-        Prep { stride, xf, xq, nxq, sx, sxl, xt, nxt, sxt }
+        Prep { stride, xf, xq, nxq, sx, sxl, xt, sxt, qsum, qsumt }
     }
     /// Padded float32 x of batch vector `b`.
     #[inline]
