@@ -1,16 +1,22 @@
 //! AVX-512 kernels (F, BW, VL, VBMI, VNNI, plus FMA and F16C).
 //!
-//! Per group, one pass over the 64-column vectors of its plane-1 codes, then over its plane-2
-//! entries, then its predators. Each 64-byte code vector is decoded once for the five rows and
-//! all batch vectors of the tile (see the module docs of `cpu` for the balanced trick):
+//! **int8**, per group: its plane-1 codes in 512-column superblocks, then its plane-2 entries
+//! in pseudo-superblocks (512 contiguous bytes = 512 / B consecutive entries, any blocks), then
+//! the leftovers (tails) 64 columns at a time, then its predators.
 //!
 //! ```text
-//! v = b - 121 (i8), a = |v|, m = sign mask of v             3 instructions, shared
-//! digits of row i: vpermi2b(LUT_i, a)   (c' = t' + 1)       1 per row
-//! int8:  xs = m ? -q : q, corr = -sum4(xs)                  3 per batch vector
-//!        D_i = vpdpbusd(corr, c'_i, xs) = sum4(t_i q)       1 per row and batch vector
-//! f32:   pos/neg bit masks of the 5 rows from 2 more LUTs, swapped where m, then masked adds
+//! superblock = 8 vectors of 64 code bytes, transposed (transpose8) so that dword lane L of
+//!              all 8 vectors covers chunk lane_chunk(L) (32 columns) of the superblock;
+//!              x is stored in the same order once per call (Prep::xt)
+//! per vector: c3 = packed digits c0 | c1<<2 | c2<<4 | c3<<6 (2 x vpermi2b + blend)
+//!             e_k += dpbusd(c3 & mask_k, q) for masks 0x03, 0x0F, 0x3F, 0xFF; e_4 += dpbusd(b, q)
+//! per superblock and row: D_i from e (exact shifts, a multiply by 81^-1 mod 2^32 for row 4),
+//!             acc_i += float(D_i - chunk sum of q) * scale_i * s_j   (one FMA per 16 chunks)
 //! ```
+//!
+//! **float32** (and the int8 tails), per 64-column vector: the balanced trick of the `cpu`
+//! module docs (one table lookup for all five rows' positive/negative masks), then masked adds
+//! of x per row and one FMA per row with the block scale.
 //!
 //! All pointer arithmetic stays inside the buffers whose sizes `Ctx` documents; the comments at
 //! each `unsafe` say which size makes it in bounds.

@@ -5,29 +5,34 @@
 //! decodes each code byte once and feeds all five rows (and, in `matmul`, all batch vectors of a
 //! tile of up to [`BATCH_TILE`]). The group's plane-2 entries are applied in the same pass over
 //! the group (right after its plane-1 codes, while `x` is in L1), and its predators last.
+//! docs/kernels.md describes the kernels, the int8 activations and their error bound.
 //!
 //! Which fast path runs is picked at run time ([`Level::detect`], [`kernel_name`]):
 //!
-//! * `avx512-vbmi-vnni` (x86-64 with AVX-512 F/BW/VL/VBMI/VNNI, e.g. Zen 4, Ice Lake and later):
-//!   64 code bytes become the 64 digits of one row with one `vpermi2b` (see "balanced trick"
-//!   below); int8 dot products with `vpdpbusd`.
+//! * `avx512-vbmi-vnni` (x86-64 with AVX-512 F/BW/VL/VBMI/VNNI, e.g. Zen 4, Ice Lake and later).
+//!   int8: 512-column superblocks whose 8 x 64 code bytes are transposed (24 in-register
+//!   shuffles) so that each int32 lane of a vector always meets the same 32-column chunk of x;
+//!   a 256-entry `vpermi2b` table gives the digits of rows 0..3 packed two bits each, and five
+//!   `vpdpbusd` per 64 bytes (digits masked to 2/4/6/8 bits, plus the raw code byte) give the
+//!   five rows' sums exactly; one float step per row and superblock. float32: per 64 columns,
+//!   the "balanced trick" below and masked adds of x.
 //! * `avx2` (x86-64 with AVX2 + FMA + F16C): digits by two 16-bit multiplies per row
 //!   (`d = hi16(3 * lo16(byte * ceil(2^16 / 3^(i+1))))`, exact for every byte 0..=242).
 //! * `scalar`: the reference kernel ([`scalar`]), float64 accumulation, obviously correct; every
 //!   fast path is tested against it.
 //!
-//! **Balanced trick.** A code byte `b` holds digits `c_i = t_i + 1`; `v = b - 121` is then the
-//! balanced-ternary number `sum t_i 3^i` in -121..=121, and the digits of `-v` are the negated
-//! digits of `v`. So a 128-entry table over `|v|` (one `vpermi2b`, 7-bit index) gives the digits
-//! of every row up to the sign of `v`, and that sign (one mask per 64 columns, shared by the five
-//! rows and by every plane) is applied to `x` instead of to the codes.
+//! **Balanced trick** (AVX-512 float32 and the int8 tails). A code byte `b` holds digits
+//! `c_i = t_i + 1`; `v = b - 121` is then the balanced-ternary number `sum t_i 3^i` in
+//! -121..=121, and the digits of `-v` are the negated digits of `v`. So a 128-entry table over
+//! `|v|` (one `vpermi2b`, 7-bit index) gives the digits of every row up to the sign of `v`, and
+//! that sign (one mask per 64 columns, shared by the five rows) is applied to `x` instead.
 //!
 //! **int8 activations** ([`Activations::Int8`]): `x` is quantized per 32 columns, symmetric,
 //! `s_j = max|x_k| / 127` over the 32 columns `k` of chunk `j`, `q_k = round_half_even(x_k / s_j)`
 //! clamped to -127..=127 (a chunk of zeros gets `s_j = 0`, `q = 0`). Then
 //! `y_r = sum_planes sum_blocks scale * sum_j s_j * (sum_{k in j} t_rk q_k) + predators`, the inner
-//! sums exact in int32. Digits are the unsigned `c = t + 1` for `vpdpbusd`, so
-//! `sum t q = dpbusd(c, q) - sum q`; the `- sum q` is folded into the accumulator's start value.
+//! sums exact in int32 (digits `c = t + 1` are unsigned for `vpdpbusd`:
+//! `sum t q = sum c q - sum q`, with `sum q` per chunk computed once per call).
 //! Error bound: `|x_k - s_j q_k| <= s_j / 2 = max_j|x| / 254`, hence for every row
 //! `|y_r(int8) - y_r(float32)| <= sum_j (max_{k in j}|x_k| / 254) * sum_{k in j} |T_rk|` where
 //! `T` is the ternary part of `W` (planes 1 and 2, without predators), plus float32 rounding.
@@ -118,7 +123,7 @@ pub fn kernel_name() -> &'static str {
     Level::detect().name()
 }
 
-/// y[N] = W x for x[K] (float32), with the fastest kernel this CPU runs.
+/// `y[N] = W x` for `x[K]` (float32), with the fastest kernel this CPU runs.
 pub fn matvec(p: &PackedMatrix, x: &[f32], act: Activations, y: &mut [f32]) -> Result<(), KernelError> {
     matmul(p, x, 1, act, y)
 }
