@@ -1,22 +1,16 @@
 //! AVX-512 kernels (F, BW, VL, VBMI, VNNI, plus FMA and F16C).
 //!
-//! **int8**, per group: its plane-1 codes in 512-column superblocks, then its plane-2 entries
-//! in pseudo-superblocks (512 contiguous bytes = 512 / B consecutive entries, any blocks), then
-//! the leftovers (tails) 64 columns at a time, then its predators.
+//! Per group, one pass over the 64-column vectors of its plane-1 codes, then over its plane-2
+//! entries, then its predators. Each 64-byte code vector is decoded once for the five rows and
+//! all batch vectors of the tile (see the module docs of `cpu` for the balanced trick):
 //!
 //! ```text
-//! superblock = 8 vectors of 64 code bytes, transposed (transpose8) so that dword lane L of
-//!              all 8 vectors covers chunk lane_chunk(L) (32 columns) of the superblock;
-//!              x is stored in the same order once per call (Prep::xt)
-//! per vector: c3 = packed digits c0 | c1<<2 | c2<<4 | c3<<6 (2 x vpermi2b + blend)
-//!             e_k += dpbusd(c3 & mask_k, q) for masks 0x03, 0x0F, 0x3F, 0xFF; e_4 += dpbusd(b, q)
-//! per superblock and row: D_i from e (exact shifts, a multiply by 81^-1 mod 2^32 for row 4),
-//!             acc_i += float(D_i - chunk sum of q) * scale_i * s_j   (one FMA per 16 chunks)
+//! v = b - 121 (i8), a = |v|, m = sign mask of v             3 instructions, shared
+//! digits of row i: vpermi2b(LUT_i, a)   (c' = t' + 1)       1 per row
+//! int8:  xs = m ? -q : q, corr = -sum4(xs)                  3 per batch vector
+//!        D_i = vpdpbusd(corr, c'_i, xs) = sum4(t_i q)       1 per row and batch vector
+//! f32:   pos/neg bit masks of the 5 rows from 2 more LUTs, swapped where m, then masked adds
 //! ```
-//!
-//! **float32** (and the int8 tails), per 64-column vector: the balanced trick of the `cpu`
-//! module docs (one table lookup for all five rows' positive/negative masks), then masked adds
-//! of x per row and one FMA per row with the block scale.
 //!
 //! All pointer arithmetic stays inside the buffers whose sizes `Ctx` documents; the comments at
 //! each `unsafe` say which size makes it in bounds.
@@ -551,22 +545,33 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
     // their blocks are loaded and transposed the same way.
     let es = c.p2_entries(g);
     let per = 512 >> lb;
-    let n_ps = if INT8 { es.len().min(nb) / per } else { 0 };
+    // Entries handled here (the scale table holds nb); a last, partial pseudo-superblock is
+    // padded with code 121 (five ternary zeros), whose lanes then add exactly 0.
+    let n_valid = if INT8 { es.len().min(nb) } else { 0 };
+    let n_ps = n_valid.div_ceil(per);
     // SAFETY: 16 aligned i32.
     let off = unsafe { _mm512_load_si512(LANE_OFF[bsi].0.as_ptr() as *const _) };
     let last_blk = _mm512_set1_epi32(nb as i32 - 1);
     for ps in 0..n_ps {
         let e0 = es.start + ps * per;
-        let codes = &p.p2_codes[e0 * bs..(e0 + per) * bs];
+        let cnt = (n_valid - ps * per).min(per);
+        let mut padded = [121u8; 512];
+        let codes = if cnt == per {
+            &p.p2_codes[e0 * bs..(e0 + per) * bs]
+        } else {
+            padded[..cnt * bs].copy_from_slice(&p.p2_codes[e0 * bs..(e0 + cnt) * bs]);
+            &padded[..]
+        };
         for s in 0..8 {
             prefetch(p.p2_codes.as_ptr().wrapping_add(e0 * bs + AHEAD + 64 * s));
         }
-        let blk: [usize; 16] = core::array::from_fn(|k| if k < per { c.p2_block(e0 + k) } else { 0 });
-        // SAFETY: codes.len() = per * B = 512; every activation load below starts at a block
+        let blk: [usize; 16] = core::array::from_fn(|k| if k < cnt { c.p2_block(e0 + k) } else { 0 });
+        // SAFETY: codes.len() = 512; every activation load below starts at a block
         // start (blk < nb) plus an offset with offset + 64 <= B (or 32 bytes at offset 0 when
         // B = 32), so it ends before kp + 32 <= stride; the gather reads sx[blk * B / 32 + off]
         // < kp / 32 <= stride / 32 (sx and qsum); the scale table rows have nb + 16 >= (e0 - start) + 16
-        // floats (e0 - start + per <= min(entries, nb)); features per this function's contract.
+        // floats (e0 - start < min(entries, nb)); the masked p2_block load reads cnt entries
+        // < E; features per this function's contract.
         unsafe {
             let src: [__m512i; 8] = core::array::from_fn(|s| _mm512_loadu_si512(codes.as_ptr().add(64 * s) as *const _));
             let t2 = transpose8(src);
@@ -588,7 +593,7 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
                 }
             }
             // Lane L: entry unit[L] of the pseudo-superblock, chunk off[L] of its block.
-            let m: __mmask16 = if per >= 16 { 0xFFFF } else { (1u16 << per) - 1 };
+            let m: __mmask16 = if cnt >= 16 { 0xFFFF } else { (1u16 << cnt) - 1 };
             let blocks = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.p2_block.as_ptr().add(e0) as *const i16));
             let blocks = _mm512_min_epu32(_mm512_permutexvar_epi32(unit, blocks), last_blk);
             let idx = _mm512_add_epi32(_mm512_sllv_epi32(blocks, _mm512_set1_epi32(bsi as i32)), off);
@@ -620,9 +625,10 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
         unsafe { step::<NB, B32, INT8>(cv, 64 * full, &sw, &digit, &pn, &x, &mut acc) };
     }
 
-    // Plane 2 past the pseudo-superblocks (all of it for float32), entry by entry: entry e
+    // Plane 2 not done above (all of it for float32; entries past nb of an invalid matrix for
+    // int8), entry by entry: entry e
     // holds B code bytes for block p2_block[e] of this group.
-    for e in es.start + n_ps * per..es.end {
+    for e in es.start + n_valid..es.end {
         let blk = c.p2_block(e);
         let sw: [(__m512, __m512); R] = core::array::from_fn(|i| {
             let a = _mm512_set1_ps(p.p2_scales[e * R + i].to_f32());
@@ -677,7 +683,8 @@ pub(super) unsafe fn predators(c: &Ctx, r: usize, xf: *const f32) -> f32 {
     let mut s1 = _mm512_setzero_ps();
     let n = cols.len().min(vals.len());
     let mut j = 0;
-    // SAFETY: full 16-element loads inside cols/vals; gathered indices clamped into xf.
+    // SAFETY: full 16-element loads inside cols/vals (j + 32 <= n), masked ones for the rest;
+    // gathered indices are clamped to <= stride - 1, inside xf.
     unsafe {
         while j + 32 <= n {
             let i0 = _mm512_min_epu32(_mm512_loadu_si512(cols.as_ptr().add(j) as *const _), last);
