@@ -4,8 +4,12 @@ process, same shapes, same data.
 Weights are heavy-tailed (Student-t, 5 degrees of freedom) and compressed with
 ``pp.compress(W, bits=3.0)``. Hot: the same matrix again and again. Cold: rotating over distinct
 matrices whose packed (ours) / float32 (numpy) sizes add up to more than 3x the last-level cache.
-Threads: 1 and all (``pp.set_num_threads``; numpy's BLAS threads via threadpoolctl when present,
-else as configured). Median of many runs after warm-up, with the spread (IQR / median).
+Threads: 1 and all (``pp.set_num_threads``; numpy's BLAS threads set the same way via
+threadpoolctl when present, else through numpy's bundled OpenBLAS with ctypes; the table says
+what numpy ran with). Median of many runs after warm-up, with the spread (IQR / median).
+Cold copies of a packed matrix are made with ``from_arrays`` (distinct memory, same values), so
+the cold rows do not need several slow compressions. The int8 column's relative error against
+float64 ``decompress(p) @ x`` is printed too.
 Effective GB/s = bytes of the weights read (packed bytes for ours, 4 N K for numpy) / time.
 
     python bench/cpu_matvec.py [--quick] [--json]
@@ -55,15 +59,64 @@ def timeit(fn, n: int) -> tuple[float, float]:
     return float(med), float((q3 - q1) / med)
 
 
+class _OpenBlas:
+    """numpy's bundled OpenBLAS thread count through ctypes (when threadpoolctl is absent)."""
+
+    def __init__(self) -> None:
+        import ctypes
+        import glob
+
+        self.set = self.get = None
+        libdir = os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs")
+        for path in glob.glob(os.path.join(libdir, "*openblas*")):
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for pre in ("scipy_openblas", "openblas"):
+                for suf in ("64_", ""):
+                    if hasattr(lib, f"{pre}_set_num_threads{suf}") and hasattr(lib, f"{pre}_get_num_threads{suf}"):
+                        self.set = getattr(lib, f"{pre}_set_num_threads{suf}")
+                        self.get = getattr(lib, f"{pre}_get_num_threads{suf}")
+                        return
+
+
+_OPENBLAS = _OpenBlas()
+
+
+def numpy_threads() -> str:
+    """How many threads numpy's BLAS uses now (as far as we can tell)."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        return ",".join(str(i["num_threads"]) for i in threadpool_info() if i.get("user_api") == "blas") or "?"
+    except ImportError:
+        return str(_OPENBLAS.get()) if _OPENBLAS.get else "?"
+
+
 def blas_threads(n: int | None):
+    """Context manager: numpy's BLAS limited to n threads (None = all cores)."""
+    import contextlib
+
     try:
         from threadpoolctl import threadpool_limits
 
         return threadpool_limits(limits=n)
     except ImportError:
-        import contextlib
-
+        pass
+    if _OPENBLAS.set is None:
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def limit():
+        old = _OPENBLAS.get()
+        _OPENBLAS.set(n or (os.cpu_count() or 1))
+        try:
+            yield
+        finally:
+            _OPENBLAS.set(old)
+
+    return limit()
 
 
 def main() -> None:
@@ -90,13 +143,18 @@ def main() -> None:
         if args.quick:
             n_np = n_pp = 1
         ws = [w0] + [rng.standard_t(5, size=(n, k)).astype(np.float32) for _ in range(n_np - 1)]
-        ps = [p0] + [pp.compress(rng.standard_t(5, size=(n, k)).astype(np.float32), bits=args.bits) for _ in range(n_pp - 1)]
+        meta, arrs = p0.metadata(), p0.arrays()
+        ps = [p0] + [pp.from_arrays(meta, {a: v.copy() for a, v in arrs.items()}) for _ in range(n_pp - 1)]
         x = rng.standard_normal(k).astype(np.float32)
+        y_ref = pp.decompress(p0).astype(np.float64) @ x.astype(np.float64)
+        err = {a: float(np.linalg.norm(pp.matvec(p0, x, activations=a) - y_ref) / np.linalg.norm(y_ref))
+               for a in ("float32", "int8")}
         runs = 20 if args.quick else 60
         for threads in (1, 0):
             pp.set_num_threads(threads)
             tl = 1 if threads == 1 else None
             with blas_threads(tl):
+                np_thr = numpy_threads()
                 res = {}
                 for cache in ("hot", "cold") if not args.quick else ("hot",):
                     wl = ws[:1] if cache == "hot" else ws
@@ -109,7 +167,8 @@ def main() -> None:
             for cache, r in res.items():
                 tn = r["numpy"][0]
                 rows.append(dict(
-                    shape=f"{n}x{k}", threads=threads or ncpu, cache=cache, bits=p0.bits_per_weight,
+                    shape=f"{n}x{k}", threads=threads or ncpu, numpy_threads=np_thr, cache=cache, bits=p0.bits_per_weight,
+                    err_f32=err["float32"], err_int8=err["int8"], packed_mb=p0.nbytes / 2**20,
                     numpy_ms=1e3 * tn, numpy_spread=r["numpy"][1],
                     f32_ms=1e3 * r["f32"][0], f32_spread=r["f32"][1], f32_x=tn / r["f32"][0],
                     int8_ms=1e3 * r["int8"][0], int8_spread=r["int8"][1], int8_x=tn / r["int8"][0],
@@ -117,15 +176,19 @@ def main() -> None:
                     f32_gbs=p0.nbytes / r["f32"][0] / 1e9, compress_mws=n * k / tc / 1e6,
                 ))
         pp.set_num_threads(0)
-    head = f"{'shape':>11} {'thr':>3} {'cache':>5} {'bits':>5} {'numpy ms':>9} {'ours f32 ms':>11} {'x':>5} {'ours int8 ms':>12} {'x':>5} {'GB/s np':>8} {'GB/s i8':>8} {'spread np/f32/i8':>17}"
+    head = (f"{'shape':>11} {'thr':>3} {'np thr':>6} {'cache':>5} {'bits':>5} {'numpy ms':>9} {'ours f32 ms':>11} {'x':>5} "
+            f"{'ours int8 ms':>12} {'x':>5} {'GB/s np':>8} {'GB/s f32':>8} {'GB/s i8':>8} {'spread np/f32/i8':>17}")
     print(head)
     for r in rows:
-        print(f"{r['shape']:>11} {r['threads']:>3} {r['cache']:>5} {r['bits']:5.2f} {r['numpy_ms']:9.3f} {r['f32_ms']:11.3f} "
-              f"{r['f32_x']:5.1f} {r['int8_ms']:12.3f} {r['int8_x']:5.1f} {r['numpy_gbs']:8.1f} {r['int8_gbs']:8.1f} "
-              f"{r['numpy_spread']:5.0%}/{r['f32_spread']:4.0%}/{r['int8_spread']:4.0%}")
+        print(f"{r['shape']:>11} {r['threads']:>3} {r['numpy_threads']:>6} {r['cache']:>5} {r['bits']:5.2f} {r['numpy_ms']:9.3f} "
+              f"{r['f32_ms']:11.3f} {r['f32_x']:5.1f} {r['int8_ms']:12.3f} {r['int8_x']:5.1f} {r['numpy_gbs']:8.1f} "
+              f"{r['f32_gbs']:8.1f} {r['int8_gbs']:8.1f} {r['numpy_spread']:5.0%}/{r['f32_spread']:4.0%}/{r['int8_spread']:4.0%}")
+    print("GB/s: bytes of the weights read per call (numpy 4 N K, ours the packed bytes) / median time; "
+          "x: numpy time / ours, same run.")
     for n, k in shapes:
         r = next(r for r in rows if r["shape"] == f"{n}x{k}")
-        print(f"compress {n}x{k} at {args.bits} bits: {r['compress_mws']:.1f} M weights/s (all threads)")
+        print(f"{n}x{k}: packed {r['packed_mb']:.1f} MiB; rel. error vs float64 decompress@x: float32 {r['err_f32']:.1e}, "
+              f"int8 {r['err_int8']:.1e}; compress at {args.bits} bits: {r['compress_mws']:.1f} M weights/s (all threads)")
     if args.json:
         print(json.dumps(rows))
 

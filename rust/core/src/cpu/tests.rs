@@ -242,6 +242,7 @@ fn check_all(p: &PackedMatrix, batches: &[usize], seed: u64, xmag: f32, heavy: b
 }
 
 #[test]
+#[cfg(target_arch = "x86_64")]
 fn digit_decoders_match_the_format() {
     for b in 0..=242u8 {
         for i in 0..5 {
@@ -483,15 +484,18 @@ fn thread_pool() {
     assert!(set_num_threads(1 << 20).is_err());
 }
 
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[repr(C)]
 struct Timespec {
     sec: i64,
     nsec: i64,
 }
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 extern "C" {
     fn clock_gettime(clk: i32, ts: *mut Timespec) -> i32;
 }
 /// CPU time of the calling thread (Linux CLOCK_THREAD_CPUTIME_ID), robust to other load.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn thread_cpu() -> f64 {
     let mut t = Timespec { sec: 0, nsec: 0 };
     // SAFETY: `t` is a valid, writable timespec; clock 3 is CLOCK_THREAD_CPUTIME_ID on Linux.
@@ -503,6 +507,7 @@ fn thread_cpu() -> f64 {
 /// all groups in the calling thread, thread CPU time (so other load on the machine matters less).
 #[test]
 #[ignore]
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn timing_print() {
     let shapes: Vec<(usize, usize)> = std::env::var("PP_SHAPES").ok().map(|s| {
         s.split(',').map(|t| { let mut it = t.split('x').map(|v| v.parse().unwrap()); (it.next().unwrap(), it.next().unwrap()) }).collect()
