@@ -7,6 +7,8 @@
 //! possible fractions, so the digit boundary is never crossed; a test checks all 243 bytes.)
 //! Then int8: `vpmaddwd(t, q)` per 16 columns; float32: digits to float and FMA.
 
+#![allow(clippy::needless_range_loop)] // index loops over rows / batch vectors / lanes read best here
+
 use super::{Activations, Ctx, Scratch, BATCH_TILE};
 use crate::format::ROWS_PER_GROUP;
 use core::arch::x86_64::*;

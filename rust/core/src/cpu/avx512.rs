@@ -15,6 +15,8 @@
 //! All pointer arithmetic stays inside the buffers whose sizes `Ctx` documents; the comments at
 //! each `unsafe` say which size makes it in bounds.
 
+#![allow(clippy::needless_range_loop)] // index loops over rows / batch vectors / lanes read best here
+
 use super::{Activations, Ctx, Scratch, BATCH_TILE};
 use crate::format::ROWS_PER_GROUP;
 use core::arch::x86_64::*;

@@ -1,6 +1,8 @@
 //! Every fast path against the scalar reference (and the float64 dense product), on random
 //! packed matrices built directly from random codes.
 
+#![allow(clippy::needless_range_loop)] // index loops over rows / batch vectors / lanes read best here
+
 use super::*;
 use crate::format::{pack_digits, Dims, DIGITS, ZERO_CODE_BYTE};
 use half::f16;
@@ -411,7 +413,7 @@ fn shape_errors_before_work() {
     let mut y = vec![7.0f32; 6];
     assert!(matvec(&p, &[0.0; 39], Activations::F32, &mut y).is_err());
     assert!(matvec(&p, &[0.0; 40], Activations::F32, &mut [0.0; 5]).is_err());
-    assert!(matmul(&p, &[0.0; 80], 3, Activations::Int8, &mut vec![0.0; 18]).is_err());
+    assert!(matmul(&p, &[0.0; 80], 3, Activations::Int8, &mut [0.0; 18]).is_err());
     assert!(matmul(&p, &[0.0; 80], usize::MAX, Activations::Int8, &mut y).is_err());
     assert_eq!(y, vec![7.0; 6], "y untouched on error");
     assert!(matmul(&p, &[], 0, Activations::F32, &mut []).is_ok());
