@@ -142,6 +142,68 @@ def test_gptq_lowers_output_error_at_the_same_size():
         assert e_gptq < 0.95 * e_plain, (bits, e_gptq, e_plain)
 
 
+_U = np.array([-1, -1, -1, 0, 0, 0, 1, 1, 1], dtype=np.int8)
+_V = np.array([-1, 0, 1, -1, 0, 1, -1, 0, 1], dtype=np.int8)
+
+
+def _gptq_block_reference(w, h, u, planes, npred):
+    """The obviously-correct numpy spelling of one block column of GPTQ (what _core.gptq_block
+    does): fit the scales, then round column by column to the nearest of the row's levels,
+    pushing each column's scaled error onto the block's later columns."""
+    w = w.copy()
+    n, l = w.shape
+    s1, s2, _, _, fpred = _core.fit_block(w, h, planes, npred)
+    s2 = np.where(planes == 2, s2, 0).astype(np.float32)
+    ispred = np.isfinite(fpred)
+    lev = s1[:, None] * _U[None, :] + s2[:, None] * _V[None, :]
+    rows = np.arange(n)
+    t1, t2 = np.zeros((n, l), np.int8), np.zeros((n, l), np.int8)
+    pred = np.full((n, l), np.nan, np.float32)
+    err = np.zeros((n, l), np.float32)
+    for j in range(l):
+        col = w[:, j]
+        idx = np.abs(col[:, None] - lev).argmin(1)
+        q = lev[rows, idx]
+        pv = ispred[:, j]
+        q = np.where(pv, col.astype(np.float16).astype(np.float32), q)
+        pred[pv, j] = col[pv].astype(np.float16).astype(np.float32)
+        t1[:, j] = np.where(pv, 0, _U[idx])
+        t2[:, j] = np.where(pv | (planes == 1), 0, _V[idx])
+        err[:, j] = (col - q) / u[j, j]
+        w[:, j + 1:] -= np.outer(err[:, j], u[j, j + 1:])
+    return s1, s2, t1, t2, pred, err
+
+
+@pytest.mark.parametrize("l", [32, 64, 37])
+def test_gptq_block_matches_the_numpy_reference(l):
+    rng = np.random.default_rng()
+    n = 23
+    w = (rng.standard_normal((n, l)) * rng.standard_t(4, (n, l))).astype(np.float32)
+    a = rng.standard_normal((l, l))
+    u_f = np.linalg.cholesky(np.linalg.inv(a @ a.T / l + np.eye(l))).T.astype(np.float32)  # Fortran order
+    u = np.ascontiguousarray(u_f)
+    h = rng.uniform(0.1, 2.0, l).astype(np.float32)
+    planes = rng.integers(1, 3, n).astype(np.uint8)
+    npred = rng.integers(0, 5, n).astype(np.uint8)
+    got = _core.gptq_block(w, h, u, planes, npred)
+    ref = _gptq_block_reference(w, h, u, planes, npred)
+    for name, g, r in zip(("s1", "s2", "t1", "t2", "pred", "err"), got, ref):
+        assert g.shape == r.shape, name
+        if g.dtype == np.int8:
+            # float32 sums in another order may flip a rounding exactly at a tie: allow a few
+            assert np.mean(g != r) < 0.01, name
+        else:
+            assert np.allclose(g, r, rtol=1e-3, atol=1e-4, equal_nan=True), name
+    with pytest.raises(pp.ShapeError, match="C-contiguous"):  # never read transposed
+        _core.gptq_block(w, h, u_f, planes, npred)
+    with pytest.raises(pp.ShapeError, match="u has shape"):
+        _core.gptq_block(w, h, u[:-1], planes, npred)
+    bad = u.copy()
+    bad[3, 3] = 0
+    with pytest.raises(pp.WeightError, match="positive finite diagonal"):
+        _core.gptq_block(w, h, bad, planes, npred)
+
+
 def test_bad_calls():
     m = tiny_model()
     with pytest.raises(ValueError, match="method"):

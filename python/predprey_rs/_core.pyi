@@ -30,6 +30,7 @@ __all__ = [
     "cpu_kernel",
     "shader_source",
     "fit_block",
+    "gptq_block",
     "analyze",
     "Analysis",
     "to_parts",
@@ -205,6 +206,33 @@ class Analysis:
         """The smallest price whose encoding fits ``budget_bits`` total stored bits."""
     def encode(self, lam: float) -> PackedMatrix:
         """The PackedMatrix chosen at price ``lam``."""
+
+def gptq_block(
+    w: npt.NDArray[np.float32],
+    h: npt.NDArray[np.float32],
+    u: npt.NDArray[np.float32],
+    planes: npt.NDArray[np.uint8],
+    npred: npt.NDArray[np.uint8],
+    joint_iters: int = 4,
+) -> tuple[
+    npt.NDArray[np.float32],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.int8],
+    npt.NDArray[np.int8],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.float32],
+]:
+    """One block column of GPTQ-style error feedback inside the format.
+
+    ``w``: float32 [N, L] (the block's weights after the feedback from earlier blocks);
+    ``h``: float32 [L] importance; ``u``: float32 [L, L], the block's diagonal slice of the
+    upper Cholesky factor U of the damped inverse Hessian (H^-1 = U^T U); ``planes``,
+    ``npred``: uint8 [N] fixed options per row. Fits the block scales (as ``fit_block``), then
+    rounds the columns left to right to the nearest level, pushing each column's error onto
+    the block's later columns. Returns (s1 [N], s2 [N], t1 int8 [N, L], t2 int8 [N, L],
+    pred float32 [N, L] (NaN where none), err float32 [N, L]); the caller updates the later
+    blocks with ``W[:, right] -= err @ U[block, right]``. Releases the GIL.
+    """
 
 def analyze(
     weight: npt.NDArray[np.float32],

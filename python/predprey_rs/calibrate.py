@@ -340,10 +340,6 @@ def _dense(v: Any) -> np.ndarray:
 
 # --------------------------------------------------------------------------------- GPTQ
 
-_U = np.array([-1, -1, -1, 0, 0, 0, 1, 1, 1], dtype=np.int8)
-_V = np.array([-1, 0, 1, -1, 0, 1, -1, 0, 1], dtype=np.int8)
-
-
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: float, block_size: int = 64,
                   damp: float = 0.01) -> PackedMatrix:
     """Compresses ``w`` (N, K) minimising ||(W - Q) X||^2 for inputs with second moment
@@ -377,37 +373,14 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: float, block_size: i
     s1 = np.zeros((n, nb), np.float32)
     s2 = np.zeros((n, nb), np.float32)
     pred = np.full((n, k), np.nan, np.float32)
-    rows = np.arange(n)
     for b in range(nb):
         c0, c1 = b * block_size, min(k, (b + 1) * block_size)
         planes = np.where(two_rows[:, b], 2, 1).astype(np.uint8)
         npred = npred_all[:, c0:c1].sum(1).astype(np.uint8)
-        a_, b_, _, _, fpred = _core.fit_block(np.ascontiguousarray(W[:, c0:c1]), np.ascontiguousarray(h[c0:c1]),
-                                              planes, npred)
-        s1[:, b], s2[:, b] = a_, b_
-        ispred = np.isfinite(fpred)
-        lev = a_[:, None] * _U[None, :] + np.where(planes == 2, b_, 0)[:, None] * _V[None, :]  # (N, 9)
-        err = np.zeros((n, c1 - c0), np.float32)
-        idx_blk = np.zeros((n, c1 - c0), np.int64)
-        for jj in range(c1 - c0):
-            j = c0 + jj
-            col = W[:, j]
-            idx = np.abs(col[:, None] - lev).argmin(1)
-            q = lev[rows, idx]
-            pv = ispred[:, jj]
-            if pv.any():
-                q = np.where(pv, col.astype(np.float16).astype(np.float32), q)
-                pred[pv, j] = col[pv]
-            idx_blk[:, jj] = idx
-            e = (col - q) / u[j, j]
-            err[:, jj] = e
-            if jj + 1 < c1 - c0:
-                W[:, j + 1:c1] -= np.outer(e, u[j, j + 1:c1])
-        uu, vv = _U[idx_blk], _V[idx_blk]
-        uu[ispred] = 0
-        vv[ispred] = 0
-        vv[planes == 1] = 0
-        t1[:, c0:c1], t2[:, c0:c1] = uu, vv
+        # fit + column-by-column rounding with in-block feedback, in Rust (rows in parallel)
+        s1[:, b], s2[:, b], t1[:, c0:c1], t2[:, c0:c1], pred[:, c0:c1], err = _core.gptq_block(
+            np.ascontiguousarray(W[:, c0:c1]), np.ascontiguousarray(h[c0:c1]), np.ascontiguousarray(u[c0:c1, c0:c1]),
+            planes, npred)
         if c1 < k:
             W[:, c1:] -= err @ u[c0:c1, c1:]
     s2[~two_rows] = 0

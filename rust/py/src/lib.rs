@@ -194,6 +194,10 @@ fn load(py: Python<'_>, path: PathBuf) -> PyResult<PyPackedMatrix> {
 }
 
 fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(what: &str, a: &'a numpy::PyReadonlyArray<'_, T, D>) -> PyResult<&'a [T]> {
+    // as_slice also accepts Fortran-ordered arrays, whose flat order is the transpose's
+    if !a.is_c_contiguous() {
+        return Err(errors::ShapeError::new_err(format!("{what} must be C-contiguous (got a strided or Fortran-ordered array)")));
+    }
     a.as_slice().map_err(|_| errors::ShapeError::new_err(format!("{what} must be C-contiguous")))
 }
 
@@ -315,6 +319,33 @@ fn fit_block<'py>(
     Ok((s1.into_pyarray(py), s2.into_pyarray(py), t1.into_pyarray(py).reshape([n, l])?, t2.into_pyarray(py).reshape([n, l])?, pred.into_pyarray(py).reshape([n, l])?))
 }
 
+/// One block column of GPTQ-style error feedback (`predprey_core::gptq::quantize_block`).
+/// `w`: float32 [N, L] (the block's current weights), `h`: float32 [L] importance, `u`: float32
+/// [L, L] the block's diagonal slice of the upper Cholesky factor of the damped inverse
+/// Hessian, `planes`, `npred`: uint8 [N]. Returns (s1 [N], s2 [N], t1 int8 [N, L], t2 int8
+/// [N, L], pred float32 [N, L] (NaN where no predator), err float32 [N, L] scaled errors for the
+/// update of the later columns: W[:, right] -= err @ U[block, right]).
+#[pyfunction]
+#[pyo3(signature = (w, h, u, planes, npred, joint_iters=4))]
+#[allow(clippy::type_complexity)]
+fn gptq_block<'py>(
+    py: Python<'py>, w: PyReadonlyArray2<'py, f32>, h: PyReadonlyArray1<'py, f32>, u: PyReadonlyArray2<'py, f32>,
+    planes: PyReadonlyArray1<'py, u8>, npred: PyReadonlyArray1<'py, u8>, joint_iters: usize,
+) -> PyResult<(Bound<'py, PyArray1<f32>>, Bound<'py, PyArray1<f32>>, Bound<'py, PyArray2<i8>>, Bound<'py, PyArray2<i8>>, Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<f32>>)> {
+    let (n, l) = (w.shape()[0], w.shape()[1]);
+    if u.shape() != [l, l] {
+        return Err(errors::ShapeError::new_err(format!("u has shape {:?}; expected [{l}, {l}] for w of shape [{n}, {l}]", u.shape())));
+    }
+    let mut ws = contiguous("w", &w)?.to_vec();
+    let (hs, us) = (contiguous("h", &h)?, contiguous("u", &u)?);
+    let (ps, ns) = (contiguous("planes", &planes)?, contiguous("npred", &npred)?);
+    let mut cfg = QuantConfig::new(0.0, 32);
+    cfg.joint_iters = joint_iters;
+    let g = py.detach(|| predprey_core::gptq::quantize_block(&mut ws, l, hs, us, ps, ns, &cfg)).map_err(errors::quant)?;
+    Ok((g.s1.into_pyarray(py), g.s2.into_pyarray(py), g.t1.into_pyarray(py).reshape([n, l])?, g.t2.into_pyarray(py).reshape([n, l])?,
+        g.pred.into_pyarray(py).reshape([n, l])?, g.err.into_pyarray(py).reshape([n, l])?))
+}
+
 /// The dense spelling of a matrix: dict with t1, t2 (int8 [N, K]), s1, s2 (float32 [N, nb]),
 /// p2 (bool [G, nb]: cells with a second plane), pred (float32 [N, K], NaN = no predator).
 #[pyfunction]
@@ -428,6 +459,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(shader_source, m)?)?;
     m.add_function(wrap_pyfunction!(fit_block, m)?)?;
+    m.add_function(wrap_pyfunction!(gptq_block, m)?)?;
     m.add_function(wrap_pyfunction!(analyze, m)?)?;
     m.add_class::<PyAnalysis>()?;
     m.add_function(wrap_pyfunction!(to_parts, m)?)?;
