@@ -188,14 +188,14 @@ unsafe fn cvt16(src: *const half::f16, dst: *mut f32, n: usize) {
 }
 
 /// Fills the scratch for group `g`: `f[i * srow(nb) + blk]` = plane-1 scale of row i, block
-/// blk (0 for padding rows and for the 16 floats after each row), and (if `p2`)
-/// `f[(5 + i) * srow(nb) + k]` = plane-2 scale of row i in the group's k-th entry, for
-/// k < min(entries, nb) (as f32; other values of that table are stale).
+/// blk, as f32 (0 for padding rows and for the 16 floats after each row). Used by the
+/// 64-column steps (float32, and the int8 columns past the last whole superblock); the int8
+/// superblocks read the f16 scales directly.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn row_scales(c: &Ctx, g: usize, scr: &mut Scratch, p2: bool) {
+unsafe fn row_scales(c: &Ctx, g: usize, scr: &mut Scratch) {
     let nb = c.d.n_blocks;
     let rs = srow(nb);
-    let f = &mut scr.f[..2 * R * rs];
+    let f = &mut scr.f[..R * rs];
     for i in 0..R {
         let r = g * R + i;
         let row = &mut f[i * rs..(i + 1) * rs];
@@ -210,29 +210,6 @@ unsafe fn row_scales(c: &Ctx, g: usize, scr: &mut Scratch, p2: bool) {
             // SAFETY: k + min(16, nb - k) <= nb = src.len() <= row.len().
             unsafe { cvt16(src.as_ptr().add(k), row.as_mut_ptr().add(k), nb - k) };
             k += 16;
-        }
-    }
-    // (The plane-2 table needs no clearing: only lanes of the entries being processed are
-    // selected from it.)
-    if p2 {
-        // Plane-2 scales in entry order, for the group's first min(entries, nb) entries.
-        let es = c.p2_entries(g);
-        let n = es.len().min(nb);
-        let mut tmp = [0f32; 16 * R];
-        for k0 in (0..n).step_by(16) {
-            let m = (n - k0).min(16);
-            let src = &c.p.p2_scales[(es.start + k0) * R..(es.start + k0 + m) * R];
-            let mut k = 0;
-            while k < src.len() {
-                // SAFETY: k + min(16, len - k) <= src.len() <= tmp.len().
-                unsafe { cvt16(src.as_ptr().add(k), tmp.as_mut_ptr().add(k), src.len() - k) };
-                k += 16;
-            }
-            for j in 0..m {
-                for i in 0..R {
-                    f[(R + i) * rs + k0 + j] = tmp[j * R + i];
-                }
-            }
         }
     }
 }
@@ -340,6 +317,47 @@ const fn lane_tables(bs: usize) -> ([i32; 16], [i32; 16]) {
 
 #[repr(C, align(64))]
 struct Idx([i32; 16]);
+
+/// Word index (into the 5 f16 plane-2 scales per entry of a pseudo-superblock) of row `i` for
+/// lane L: `5 unit[L] + i`, in the low 16 words (upper 16 unused). For B = 32 (16 entries,
+/// 80 words) indices from 64 on are taken from a third register (`P2_HI`).
+#[repr(C, align(64))]
+struct WordIdx([u16; 32]);
+
+const fn p2_word_table(bs: usize, i: usize) -> WordIdx {
+    let unit = lane_tables(bs).0;
+    let mut t = [0u16; 32];
+    let mut l = 0;
+    while l < 16 {
+        t[l] = (unit[l] as usize * R + i) as u16;
+        l += 1;
+    }
+    WordIdx(t)
+}
+
+const fn p2_word_tables(bs: usize) -> [WordIdx; R] {
+    [p2_word_table(bs, 0), p2_word_table(bs, 1), p2_word_table(bs, 2), p2_word_table(bs, 3), p2_word_table(bs, 4)]
+}
+
+static P2_WORD: [[WordIdx; R]; 4] = [p2_word_tables(32), p2_word_tables(64), p2_word_tables(128), p2_word_tables(256)];
+
+/// For B = 32: the lanes of row i whose word index is >= 64.
+const P2_HI: [__mmask32; R] = {
+    let mut m = [0u32; R];
+    let mut i = 0;
+    while i < R {
+        let t = p2_word_table(32, i).0;
+        let mut l = 0;
+        while l < 16 {
+            if t[l] >= 64 {
+                m[i] |= 1 << l;
+            }
+            l += 1;
+        }
+        i += 1;
+    }
+    m
+};
 
 static LANE_UNIT: [Idx; 4] = [Idx(lane_tables(32).0), Idx(lane_tables(64).0), Idx(lane_tables(128).0), Idx(lane_tables(256).0)];
 static LANE_OFF: [Idx; 4] = [Idx(lane_tables(32).1), Idx(lane_tables(64).1), Idx(lane_tables(128).1), Idx(lane_tables(256).1)];
@@ -475,8 +493,11 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
     let (bs, kp, nb) = (c.d.block_size, c.d.padded_cols, c.d.n_blocks);
     // B is a power of two: shifts instead of divisions in the loops.
     let lb = bs.trailing_zeros() as usize;
-    // SAFETY: scratch size and CPU features per this function's contract.
-    unsafe { row_scales(c, g, scr, INT8) };
+    // (int8 reads the scales of whole superblocks straight from the f16 arrays.)
+    if !INT8 || kp % 512 != 0 {
+        // SAFETY: scratch size and CPU features per this function's contract.
+        unsafe { row_scales(c, g, scr) };
+    }
     if b0 == 0 {
         prefetch_group(c, g + 1);
     }
@@ -488,7 +509,7 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
     let packed = unsafe { [lut_regs(&PACKED_LUTS[0]), lut_regs(&PACKED_LUTS[1])] };
     let mut acc = [[_mm512_setzero_ps(); NB]; R];
     let rs = srow(nb);
-    let sf = &scr.f[..2 * R * rs];
+    let sf = &scr.f[..R * rs];
 
     // The row scales (plane `pl`) of the 64-column vector `v`: (lanes/quarters of the first 32
     // columns, of the last 32); equal unless B = 32.
@@ -511,6 +532,10 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
     let unit = unsafe { _mm512_load_si512(LANE_UNIT[bsi].0.as_ptr() as *const _) };
     let n_sb = if INT8 { kp / 512 } else { 0 };
     let bps = 512 >> lb; // blocks per superblock
+    // The f16 plane-1 scales of a superblock: row i's `bps` blocks from `s1_row[i] + first`
+    // (masked load; nothing at all for padding rows, which then get scale 0).
+    let s1_row: [usize; R] = core::array::from_fn(|i| if g * R + i < p.rows { (g * R + i) * nb } else { 0 });
+    let s1_mask: [__mmask16; R] = core::array::from_fn(|i| if g * R + i < p.rows { (((1u32 << bps) - 1) & 0xFFFF) as __mmask16 } else { 0 });
     // Superblocks of 512 columns (int8): codes transposed so lane L of all 8 vectors is one
     // 32-column chunk, int32 sums over the superblock, one float step per row.
     for sb in 0..n_sb {
@@ -525,11 +550,15 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
         let src: [__m512i; 8] = unsafe { core::array::from_fn(|s| _mm512_loadu_si512(base.as_ptr().add(512 * sb + 64 * s) as *const _)) };
         // SAFETY: AVX-512F present.
         let t1 = unsafe { transpose8(src) };
-        // SAFETY: sxt and qsumt hold stride / 32 >= 16 sb + 16 values per batch vector; the row
-        // table has nb + 16 >= first + 16 floats; features per this function's contract.
+        // SAFETY: sxt and qsumt hold stride / 32 >= 16 sb + 16 values per batch vector; the
+        // masked scale load reads row r's blocks first..first + bps <= nb (whole superblocks),
+        // inside `scales` (N * nb); features per this function's contract.
         unsafe {
             let sx: [__m512; NB] = core::array::from_fn(|b| _mm512_loadu_ps(x.sxt[b].add(16 * sb)));
-            let sw: [__m512; R] = core::array::from_fn(|i| _mm512_permutexvar_ps(unit, _mm512_loadu_ps(sf.as_ptr().add(i * rs + first))));
+            let sw: [__m512; R] = core::array::from_fn(|i| {
+                let h = _mm256_maskz_loadu_epi16(s1_mask[i], p.scales.as_ptr().wrapping_add(s1_row[i] + first) as *const i16);
+                _mm512_permutexvar_ps(unit, _mm512_cvtph_ps(h))
+            });
             let qs: [__m512i; NB] = core::array::from_fn(|b| _mm512_loadu_si512(x.qsumt[b].add(16 * sb) as *const _));
             let mut q = [[_mm512_setzero_si512(); NB]; 8];
             for v in 0..8 {
@@ -571,9 +600,9 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
         // SAFETY: codes.len() = 512; every activation load below starts at a block
         // start (blk < nb) plus an offset with offset + 64 <= B (or 32 bytes at offset 0 when
         // B = 32), so it ends before kp + 32 <= stride; the gather reads sx[blk * B / 32 + off]
-        // < kp / 32 <= stride / 32 (sx and qsum); the scale table rows have nb + 16 >= (e0 - start) + 16
-        // floats (e0 - start < min(entries, nb)); the masked p2_block load reads cnt entries
-        // < E; features per this function's contract.
+        // < kp / 32 <= stride / 32 (sx and qsum); the masked p2_scales loads read the cnt * 5
+        // values of entries e0..e0 + cnt <= E, the masked p2_block load cnt entries < E;
+        // features per this function's contract.
         unsafe {
             let src: [__m512i; 8] = core::array::from_fn(|s| _mm512_loadu_si512(codes.as_ptr().add(64 * s) as *const _));
             let t2 = transpose8(src);
@@ -601,8 +630,26 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
             let idx = _mm512_add_epi32(_mm512_sllv_epi32(blocks, _mm512_set1_epi32(bsi as i32)), off);
             let sx: [__m512; NB] = core::array::from_fn(|b| _mm512_i32gather_ps::<4>(idx, x.sx[b]));
             let qs: [__m512i; NB] = core::array::from_fn(|b| _mm512_i32gather_epi32::<4>(idx, x.qsum[b]));
-            let k0 = e0 - es.start;
-            let sw: [__m512; R] = core::array::from_fn(|i| _mm512_permutexvar_ps(unit, _mm512_loadu_ps(sf.as_ptr().add((R + i) * rs + k0))));
+            // Plane-2 scales: the cnt * 5 f16 values of the entries (masked loads, zeros past
+            // them), row i of lane L's entry picked by a word permute.
+            let nw = cnt * R;
+            let wm = |lo: usize| -> __mmask32 {
+                let n = nw.saturating_sub(lo).min(32);
+                if n == 32 { !0 } else { (1u32 << n) - 1 }
+            };
+            let ws = p.p2_scales.as_ptr().add(e0 * R) as *const i16;
+            let w0 = _mm512_maskz_loadu_epi16(wm(0), ws);
+            let w1 = _mm512_maskz_loadu_epi16(wm(32), ws.wrapping_add(32));
+            let w2 = if B32 { _mm512_maskz_loadu_epi16(wm(64), ws.wrapping_add(64)) } else { _mm512_setzero_si512() };
+            let sw: [__m512; R] = core::array::from_fn(|i| {
+                let idx = _mm512_load_si512(P2_WORD[bsi][i].0.as_ptr() as *const _);
+                let mut v = _mm512_permutex2var_epi16(w0, idx, w1);
+                if B32 {
+                    // Lanes whose word is past 64 (entries 13.. of 16) come from w2.
+                    v = _mm512_mask_blend_epi16(P2_HI[i], v, _mm512_permutexvar_epi16(_mm512_sub_epi16(idx, _mm512_set1_epi16(64)), w2));
+                }
+                _mm512_cvtph_ps(_mm512_castsi512_si256(v))
+            });
             sb_plane::<NB>(&t2, &q, &qs, &packed, &sw, &sx, &mut acc);
         }
     }

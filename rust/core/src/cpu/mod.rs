@@ -224,8 +224,8 @@ fn check(p: &PackedMatrix, x: &[f32], batch: usize, y: &[f32]) -> Result<Dims, K
     Ok(d)
 }
 
-/// Per-task scratch of the fast kernels: `f`, two [5][nb + 16] tables (plane-1 and plane-2
-/// scales of one group as f32) plus slack.
+/// Per-task scratch of the fast kernels: `f`, room for two [5][nb + 16] tables of one group's
+/// scales as f32 (AVX-512 uses one, AVX2 [5][nb]) plus slack.
 pub(crate) struct Scratch {
     pub f: Vec<f32>,
 }

@@ -518,7 +518,11 @@ fn timing_print() {
     let block: usize = std::env::var("PP_BLOCK").ok().map(|s| s.parse().unwrap()).unwrap_or(64);
     for (n, k) in shapes {
         let dens: Vec<f64> = std::env::var("PP_DENS").ok().map(|s| s.split(',').map(|v| v.parse().unwrap()).collect()).unwrap_or(vec![0.6, 0.01]);
-        let p = random_packed(n, k, block, dens[0], dens[1], 7);
+        // PP_DIR: read `{dir}/{n}x{k}.safetensors` (e.g. saved from `pp.compress`) instead.
+        let p = match std::env::var("PP_DIR") {
+            Ok(dir) => PackedMatrix::load(std::path::Path::new(&format!("{dir}/{n}x{k}.safetensors"))).unwrap(),
+            Err(_) => random_packed(n, k, block, dens[0], dens[1], 7),
+        };
         let mut rng = Rng::new(8);
         let d = p.dims();
         let mut tsum: Vec<f64> = (0..10).map(|_| { let t = thread_cpu(); let s: u64 = p.codes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).fold(0, |a, v| a ^ v); std::hint::black_box(s); thread_cpu() - t }).collect();
@@ -527,8 +531,9 @@ fn timing_print() {
         for &batch in &batches {
             let x = random_x(&mut rng, batch * k, 1.0, false);
             for level in levels() {
-                if level == Level::Scalar { continue; }
+                if level == Level::Scalar || std::env::var("PP_LEVEL").is_ok_and(|v| v != level.name()) { continue; }
                 for act in [Activations::Int8, Activations::F32] {
+                    if std::env::var("PP_ACT").is_ok_and(|v| v != format!("{act:?}")) { continue; }
                     let mut tpr: Vec<f64> = (0..10).map(|_| { let t = thread_cpu(); std::hint::black_box(Prep::new(&x, batch, &d, act, level)); thread_cpu() - t }).collect();
                     tpr.sort_by(|a, b| a.partial_cmp(b).unwrap());
                     println!("  {level:?} {act:?} Prep::new: {:.3} ms", tpr[5] * 1e3);
@@ -558,9 +563,10 @@ fn timing_print() {
                         println!("  predators alone: {:.3} ms ({} predators, {:.2} ns each)", tp[5] * 1e3, p.n_outliers(), tp[5] * 1e9 / p.n_outliers().max(1) as f64);
                     }
                     once();
-                    let mut ts: Vec<f64> = (0..15).map(|_| { let t = thread_cpu(); once(); thread_cpu() - t }).collect();
+                    let reps: usize = std::env::var("PP_REPS").ok().map_or(15, |v| v.parse().unwrap());
+                    let mut ts: Vec<f64> = (0..reps).map(|_| { let t = thread_cpu(); once(); thread_cpu() - t }).collect();
                     ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
-                    println!("{n}x{k} B={block} batch={batch} {level:?} {act:?}: cpu median {:.3} ms  min {:.3} ms  ({:.2} ns/weight/vector)", ts[7] * 1e3, ts[0] * 1e3, ts[7] * 1e9 / (n * k * batch) as f64);
+                    println!("{n}x{k} B={block} batch={batch} {level:?} {act:?}: cpu median {:.3} ms  min {:.3} ms  ({:.2} ns/weight/vector)", ts[reps / 2] * 1e3, ts[0] * 1e3, ts[reps / 2] * 1e9 / (n * k * batch) as f64);
                 }
             }
         }
