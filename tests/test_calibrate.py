@@ -142,6 +142,33 @@ def test_gptq_lowers_output_error_at_the_same_size():
         assert e_gptq < 0.95 * e_plain, (bits, e_gptq, e_plain)
 
 
+def test_act_order_and_refit_keep_the_size_and_lower_the_output_error():
+    """Inside-block act order and the joint least-squares refit of the scales change neither
+    the options nor the size; the refit never raises ||(W - Q) X|| beyond FP16 rounding of the
+    scales, since the codes it starts from are one point of its search space."""
+    rng = np.random.default_rng()
+    n, k, t = 40, 200, 2048
+    mix = rng.standard_normal((k, k)) / np.sqrt(k) + np.eye(k)
+    x = (rng.standard_normal((t, k)) @ mix * rng.uniform(0.2, 3.0, k)).astype(np.float32)
+    w = (rng.standard_normal((n, k)) * rng.standard_t(4, (n, k)) / np.sqrt(k)).astype(np.float32)
+    h = x.astype(np.float64).T @ x / t
+    plain = pp.compress(w, bits=3.0, block_size=64, importance=np.diag(h).astype(np.float32))
+    err = lambda p: np.linalg.norm((w - pp.decompress(p)) @ x.T)  # noqa: E731
+    for act in (False, True):
+        g = calibrate.gptq_quantize(w, h, 3.0, 64, act_order=act)
+        assert g.nbytes == plain.nbytes
+        assert _core.to_parts(g)["p2"].tolist() == _core.to_parts(plain)["p2"].tolist()
+        assert np.isfinite(_core.to_parts(g)["pred"]).sum() == np.isfinite(_core.to_parts(plain)["pred"]).sum()
+        assert err(g) < 0.97 * err(plain)
+        r = calibrate.refit_scales(g, w, h, damp=0.0)
+        assert r.nbytes == g.nbytes
+        pr, pg = _core.to_parts(r), _core.to_parts(g)
+        assert np.array_equal(np.abs(pr["t1"]), np.abs(pg["t1"]))  # same supports (signs may flip)
+        assert np.array_equal(pr["pred"], pg["pred"], equal_nan=True)
+        assert np.all(pr["s1"] >= 0) and np.all(pr["s2"] >= 0)
+        assert err(r) <= err(g) * (1 + 1e-3)
+
+
 _U = np.array([-1, -1, -1, 0, 0, 0, 1, 1, 1], dtype=np.int8)
 _V = np.array([-1, 0, 1, -1, 0, 1, -1, 0, 1], dtype=np.int8)
 

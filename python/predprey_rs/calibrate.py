@@ -43,6 +43,7 @@ __all__ = [
     "quantize_model",
     "layer_bits",
     "gptq_quantize",
+    "refit_scales",
     "DEFAULT_TYPE_OFFSETS",
     "load_llama",
     "calibrate_source",
@@ -64,6 +65,7 @@ DEFAULT_UPSTREAM = False
 _ATTR = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
          "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
 _STAGES: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+_SAME_INPUT = _STAGES  # the layers of a stage read the same array
 
 
 # The default calibration text: ``calibration.txt`` (written for the package: prose, science,
@@ -118,13 +120,18 @@ class LayerStats:
 
 
 class _Tap:
-    """Stands in for a ``Linear`` of a block: records its input, then calls it."""
+    """Stands in for a ``Linear`` of a block: records its input, then calls it. Layers that
+    read the same input (q/k/v, gate/up) share one LayerStats and one ``seen`` cell, so the
+    input is counted once: the cell keeps the last array recorded (alive, so its identity
+    cannot be reused by a new array)."""
 
-    def __init__(self, lin: Any, stats: LayerStats):
-        self.lin, self.stats = lin, stats
+    def __init__(self, lin: Any, stats: LayerStats, seen: list):
+        self.lin, self.stats, self.seen = lin, stats, seen
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        self.stats.add(x)
+        if self.seen[0] is not x:
+            self.stats.add(x)
+            self.seen[0] = x
         return self.lin(x)
 
 
@@ -134,17 +141,21 @@ def _new_stats(k: int, want_h: bool) -> LayerStats:
 
 def collect_stats(model: Any, sequences: Sequence[Sequence[int]], want_h: bool = False) -> dict[str, LayerStats]:
     """Input statistics of every linear layer of the blocks, from one forward pass per
-    sequence of the model as it is (no quantization). {GGUF name: LayerStats}."""
+    sequence of the model as it is (no quantization). {GGUF name: LayerStats}; layers that
+    read the same input (q/k/v, gate/up) share one LayerStats object."""
     from .llama import KVCache
 
     stats: dict[str, LayerStats] = {}
     saved = []
     for i, blk in enumerate(model.blocks):
-        for attr, suf in _ATTR.items():
-            lin = getattr(blk, attr)
-            st = stats[f"blk.{i}.{suf}.weight"] = _new_stats(lin.shape[1], want_h)
-            saved.append((blk, attr, lin))
-            setattr(blk, attr, _Tap(lin, st))
+        for group in _SAME_INPUT:
+            st = _new_stats(getattr(blk, group[0]).shape[1], want_h)
+            seen: list = [None]
+            for attr in group:
+                lin = getattr(blk, attr)
+                stats[f"blk.{i}.{_ATTR[attr]}.weight"] = st
+                saved.append((blk, attr, lin))
+                setattr(blk, attr, _Tap(lin, st, seen))
     try:
         for ids in sequences:
             model.forward(ids, KVCache(model.config, capacity=len(ids)), all_logits=False)
@@ -341,11 +352,14 @@ def _dense(v: Any) -> np.ndarray:
 # --------------------------------------------------------------------------------- GPTQ
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: float, block_size: int = 64,
-                  damp: float = 0.01) -> PackedMatrix:
+                  damp: float = 0.01, act_order: bool = False) -> PackedMatrix:
     """Compresses ``w`` (N, K) minimising ||(W - Q) X||^2 for inputs with second moment
     ``hessian`` (K, K) = X^T X / T, by error feedback across columns (GPTQ) inside the
     format: the options of every cell (planes, predators per row and block) come from an
-    importance-weighted ``compress`` at ``bits``, so the size is that of ``compress``."""
+    importance-weighted ``compress`` at ``bits``, so the size is that of ``compress``.
+    ``act_order``: inside each block, round the columns in order of decreasing importance
+    (H's diagonal), so the most important ones are rounded first and the later ones absorb
+    their errors (blocks stay in order: the block scales are unaffected)."""
     from . import _core, compress
 
     w = np.asarray(w, dtype=np.float32)
@@ -362,12 +376,20 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: float, block_size: i
     two_rows = np.repeat(p2, 5, axis=0)[:n]  # (N, nb)
     npred_all = np.isfinite(parts["pred"])
     hs[np.diag_indices(k)] += damp * float(np.mean(np.diag(hs)))
+    perm = np.arange(k)
+    if act_order:
+        for c0 in range(0, k, block_size):
+            c1 = min(k, c0 + block_size)
+            perm[c0:c1] = c0 + np.argsort(-h[c0:c1], kind="stable")
+        hs = hs[np.ix_(perm, perm)]
+        h = h[perm]
+        npred_all = npred_all[:, perm]
     try:
         u = np.linalg.cholesky(np.linalg.inv(hs)).T  # upper: Hinv = U^T U
     except np.linalg.LinAlgError:
         return first
     u = u.astype(np.float32)
-    W = w.copy()
+    W = w[:, perm].copy()
     t1 = np.zeros((n, k), np.int8)
     t2 = np.zeros((n, k), np.int8)
     s1 = np.zeros((n, nb), np.float32)
@@ -384,7 +406,61 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: float, block_size: i
         if c1 < k:
             W[:, c1:] -= err @ u[c0:c1, c1:]
     s2[~two_rows] = 0
+    if act_order:
+        inv = np.argsort(perm)
+        t1, t2, pred = (np.ascontiguousarray(a[:, inv]) for a in (t1, t2, pred))
     return _core.from_parts(block_size, t1, s1, p2, t2, s2, pred)
+
+
+def refit_scales(packed: PackedMatrix, w: np.ndarray, hessian: np.ndarray, damp: float = 0.01) -> PackedMatrix:
+    """The same codes and predators with every row's block scales re-solved jointly to
+    minimise the output error (w - q) H (w - q)^T over the calibration inputs (H = X^T X / T,
+    damped like GPTQ's), instead of each block's own weighted fit. Per row, the scales of all
+    planes and blocks are the unknowns of one small least-squares problem: with T the codes
+    placed in their columns, s = (T^T H T)^-1 T^T H (w - p). A negative solution flips that
+    block's codes (scales stay >= 0); FP16 rounding applies. Size and layout are unchanged."""
+    from . import _core
+
+    w = np.asarray(w, dtype=np.float64)
+    n, k = w.shape
+    parts = _core.to_parts(packed)
+    bs = packed.block_size
+    nb = parts["s1"].shape[1]
+    kp = nb * bs
+    hs = np.zeros((kp, kp))
+    hs[:k, :k] = hessian
+    hs[np.diag_indices(k)] += damp * float(np.mean(np.diag(hs)[:k])) + 1e-12
+    pred = parts["pred"]
+    p = np.where(np.isfinite(pred), pred, 0.0)
+    two = np.repeat(parts["p2"], 5, axis=0)[:n]  # (N, nb)
+    codes = np.zeros((2, n, kp))
+    codes[0, :, :k] = parts["t1"]
+    codes[1, :, :k] = parts["t2"]
+    codes[1] *= np.repeat(two, bs, axis=1)
+    cb = codes.reshape(2, n, nb, bs)
+    m = 2 * nb
+    gram = np.zeros((n, m, m))
+    for pl in range(2):
+        for b in range(nb):
+            a = cb[pl, :, b, :] @ hs[b * bs:(b + 1) * bs, :]  # (N, Kp): t_u^T H for unknown u
+            gram[:, pl * nb + b, :] = (a[None] * codes).reshape(2, n, nb, bs).sum(-1).transpose(1, 0, 2).reshape(n, m)
+    r = np.zeros((n, kp))
+    r[:, :k] = w - p
+    r = r @ hs
+    rhs = (codes * r[None]).reshape(2, n, nb, bs).sum(-1).transpose(1, 0, 2).reshape(n, m)
+    d = np.einsum("nii->ni", gram)
+    empty = d <= 0
+    idx = np.arange(m)
+    gram[:, idx, idx] += np.where(empty, 1.0, 1e-9 * d)
+    rhs[empty] = 0.0
+    sol = np.linalg.solve(gram, rhs[..., None])[..., 0]
+    sol = np.clip(sol, -65504.0, 65504.0).astype(np.float16).astype(np.float32)
+    s = sol.reshape(n, 2, nb)
+    flip = np.repeat(np.where(s < 0, -1, 1).astype(np.int8), bs, axis=2)[:, :, :k]  # (N, 2, K)
+    t1 = parts["t1"] * flip[:, 0]
+    t2 = parts["t2"] * flip[:, 1]
+    s1, s2 = np.abs(s[:, 0]), np.abs(s[:, 1]) * two
+    return _core.from_parts(bs, t1, s1, parts["p2"], t2, s2, pred)
 
 
 def read_text(path: str | Path | None) -> str | None:
