@@ -586,25 +586,29 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
     for ps in 0..n_ps {
         let e0 = es.start + ps * per;
         let cnt = (n_valid - ps * per).min(per);
-        let mut padded = [121u8; 512];
-        let codes = if cnt == per {
-            &p.p2_codes[e0 * bs..(e0 + per) * bs]
-        } else {
-            padded[..cnt * bs].copy_from_slice(&p.p2_codes[e0 * bs..(e0 + cnt) * bs]);
-            &padded[..]
-        };
+        // The entries' cnt * B code bytes; past them (a last, partial pseudo-superblock) the
+        // masked loads below read code 121.
+        let codes = &p.p2_codes[e0 * bs..(e0 + cnt) * bs];
         for s in 0..8 {
             prefetch(p.p2_codes.as_ptr().wrapping_add(e0 * bs + AHEAD + 64 * s));
         }
         let blk: [usize; 16] = core::array::from_fn(|k| if k < cnt { c.p2_block(e0 + k) } else { 0 });
-        // SAFETY: codes.len() = 512; every activation load below starts at a block
-        // start (blk < nb) plus an offset with offset + 64 <= B (or 32 bytes at offset 0 when
-        // B = 32), so it ends before kp + 32 <= stride; the gather reads sx[blk * B / 32 + off]
+        // SAFETY: the code loads read codes.len() = cnt * B bytes (whole when cnt = per, else
+        // masked); every activation load below starts at a block start (blk < nb) plus an
+        // offset with offset + 64 <= B (or 32 bytes at offset 0 when B = 32), so it ends before kp + 32 <= stride; the gather reads sx[blk * B / 32 + off]
         // < kp / 32 <= stride / 32 (sx and qsum); the masked p2_scales loads read the cnt * 5
         // values of entries e0..e0 + cnt <= E, the masked p2_block load cnt entries < E;
         // features per this function's contract.
         unsafe {
-            let src: [__m512i; 8] = core::array::from_fn(|s| _mm512_loadu_si512(codes.as_ptr().add(64 * s) as *const _));
+            let src: [__m512i; 8] = if cnt == per {
+                core::array::from_fn(|s| _mm512_loadu_si512(codes.as_ptr().add(64 * s) as *const _))
+            } else {
+                core::array::from_fn(|s| {
+                    let n = codes.len().saturating_sub(64 * s).min(64);
+                    let m: __mmask64 = if n == 64 { !0 } else { (1u64 << n) - 1 };
+                    _mm512_mask_loadu_epi8(_mm512_set1_epi8(121), m, codes.as_ptr().wrapping_add(64 * s) as *const i8)
+                })
+            };
             let t2 = transpose8(src);
             let mut q = [[_mm512_setzero_si512(); NB]; 8];
             for b in 0..NB {
