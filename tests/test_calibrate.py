@@ -116,6 +116,10 @@ def test_layer_bits_keep_the_average():
     assert b["blk.0.attn_v.weight"] - b["blk.0.attn_q.weight"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="unknown layer types"):
         calibrate.layer_bits(m, 3.0, {"attn_x": 1.0})
+    d = calibrate.layer_bits(m, 3.0, offs, 64, {0: 0.5})  # block 0 gets 0.5 bits more than block 1
+    assert abs(sum(d[n] * size[n] for n in d) / sum(size.values()) - 3.0) < 1e-12
+    for suf in SUFFIXES:
+        assert d[f"blk.0.{suf}.weight"] - d[f"blk.1.{suf}.weight"] == pytest.approx(0.5)
     packed, _ = calibrate.quantize_model(m, [list(range(20))], b, 64)
     for n, p in packed.items():
         assert p.bits_per_weight <= b[n] + 1e-9

@@ -45,6 +45,7 @@ __all__ = [
     "gptq_quantize",
     "refit_scales",
     "DEFAULT_TYPE_OFFSETS",
+    "DEFAULT_BLOCK_OFFSETS",
     "load_llama",
     "calibrate_source",
 ]
@@ -56,6 +57,14 @@ __all__ = [
 # the least.
 DEFAULT_TYPE_OFFSETS: dict[str, float] = {"attn_q": -0.5, "attn_k": 0.25, "attn_v": 1.0, "attn_output": -0.25,
                                           "ffn_up": 0.125, "ffn_down": -0.375}
+
+# Extra bits for the first blocks (block index -> offset), paid by all the others: errors made
+# early pass through every later block. Measured on bench/data/validation.txt (docs/fidelity.md).
+DEFAULT_BLOCK_OFFSETS: dict[int, float] = {0: 0.5, 1: 0.5}
+
+# GPTQ refinements on by default (docs/fidelity.md: each measured on the validation text).
+DEFAULT_ACT_ORDER = True
+DEFAULT_REFIT = True
 
 # attribute of llama._Block -> GGUF suffix, and the order the data reaches them inside a block
 # What --calibrate does by default (docs/fidelity.md has the measurements behind the choice).
@@ -166,9 +175,10 @@ def collect_stats(model: Any, sequences: Sequence[Sequence[int]], want_h: bool =
 
 
 def layer_bits(model: Any, bits: float, type_offsets: Mapping[str, float] | None = None,
-               block_size: int = 64) -> dict[str, float]:
-    """Bits per layer (GGUF name -> bits) whose weight-weighted mean is ``bits``: each type gets
-    ``bits + offset``, then every layer the same correction so the mean comes out right. No
+               block_size: int = 64, block_offsets: Mapping[int, float] | None = None) -> dict[str, float]:
+    """Bits per layer (GGUF name -> bits) whose weight-weighted mean is ``bits``: each layer gets
+    ``bits + type offset + block offset`` (``block_offsets``: block index -> offset, e.g. more
+    bits for the first blocks), then every layer the same correction so the mean comes out right. No
     layer goes below the floor 1.7 + 16 / block_size (a little above the fixed cost of plane 1,
     codes + FP16 scales): those are held at the floor and the others pay."""
     offs = dict(type_offsets or {})
@@ -182,7 +192,7 @@ def layer_bits(model: Any, bits: float, type_offsets: Mapping[str, float] | None
             n, k = getattr(blk, attr).shape
             name = f"blk.{i}.{suf}.weight"
             sizes[name] = n * k
-            want[name] = bits + offs.get(suf, 0.0)
+            want[name] = bits + offs.get(suf, 0.0) + float((block_offsets or {}).get(i, 0.0))
     total = sum(sizes.values())
     held: set[str] = set()
     for _ in range(len(want) + 1):
@@ -206,6 +216,9 @@ def quantize_model(
     damp: float = 0.01,
     upstream: bool = False,
     on_layer: Callable[[str, PackedMatrix, float], None] | None = None,
+    act_order: bool = DEFAULT_ACT_ORDER,
+    refit: bool = DEFAULT_REFIT,
+    stats: Mapping[str, LayerStats] | None = None,
 ) -> tuple[dict[str, PackedMatrix], dict[str, np.ndarray]]:
     """Compresses every linear layer of ``model`` (a ``LlamaModel`` with dense weights) with
     statistics from ``sequences`` (token id lists). ``bits``: one budget for all layers or
@@ -213,8 +226,10 @@ def quantize_model(
     each layer's statistics from the partially compressed model (else from the original in one
     pass). ``upstream`` (sequential only): aim each layer at the ORIGINAL model's output
     W x from its compressed-model input x~, i.e. quantize W' = W + W (x - x~)^T x~ (x~^T x~ +
-    damp)^-1 (ridge regression of the upstream error) instead of W. The model is left as it
-    was. Returns ({GGUF name: PackedMatrix}, {GGUF name: importance vector})."""
+    damp)^-1 (ridge regression of the upstream error) instead of W. ``act_order``, ``refit``
+    (gptq only): see ``gptq_quantize`` and ``refit_scales``. ``stats`` (one pass only): the
+    ``collect_stats`` of ``sequences`` already collected (with H for gptq), to reuse them across
+    budgets. The model is left as it was. Returns ({GGUF name: PackedMatrix}, {GGUF name: importance vector})."""
     from . import compress
     from .llama import KVCache, Linear
 
@@ -232,7 +247,9 @@ def quantize_model(
         t0 = time.perf_counter()
         h = st.importance
         if method == "gptq":
-            p = gptq_quantize(w, st.hessian, budget(name), block_size, damp=damp)
+            p = gptq_quantize(w, st.hessian, budget(name), block_size, damp=damp, act_order=act_order)
+            if refit:
+                p = refit_scales(p, w, st.hessian, damp=damp)
         else:
             p = compress(w, bits=budget(name), block_size=block_size, importance=h if np.any(h > 0) else None)
         if on_layer is not None:
@@ -242,7 +259,10 @@ def quantize_model(
     packed: dict[str, PackedMatrix] = {}
     importance: dict[str, np.ndarray] = {}
     if not sequential:
-        stats = collect_stats(model, seqs, want_h)
+        if stats is None:
+            stats = collect_stats(model, seqs, want_h)
+        elif want_h and any(st.xtx is None for st in stats.values()):
+            raise ValueError("method 'gptq' needs statistics collected with want_h=True")
         for name, st in stats.items():
             packed[name] = pack(name, _dense(model.weights[name]), st)
             importance[name] = st.importance
@@ -504,9 +524,12 @@ def calibrate_source(src: str | Path, text: str | None = None, bits: float = 3.0
     if seqs is None:
         raise ValueError(f"{src} has no tokenizer to encode the calibration text with")
     offs = DEFAULT_TYPE_OFFSETS if type_offsets is None else type_offsets
-    budget = layer_bits(model, bits, offs, block_size)
+    budget = layer_bits(model, bits, offs, block_size, DEFAULT_BLOCK_OFFSETS)
     packed, imp = quantize_model(model, seqs, budget, block_size, method=method, sequential=sequential,
                                  upstream=upstream and sequential, on_layer=on_layer)
     info = {"calibration": {"method": method, "sequential": sequential, "upstream": upstream and sequential, "tokens": sum(len(s) for s in seqs),
-                            "text": "default" if text is None else "user", "type_offsets": dict(offs)}}
+                            "text": "default" if text is None else "user", "type_offsets": dict(offs),
+                            "block_offsets": {str(i): v for i, v in DEFAULT_BLOCK_OFFSETS.items()},
+                            "act_order": DEFAULT_ACT_ORDER if method == "gptq" else None,
+                            "refit": DEFAULT_REFIT if method == "gptq" else None}}
     return packed, imp, info
