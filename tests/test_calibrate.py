@@ -125,15 +125,20 @@ def test_layer_bits_keep_the_average():
         assert p.bits_per_weight <= b[n] + 1e-9
 
 
-def test_gptq_lowers_output_error_at_the_same_size():
-    """Correlated inputs (as in a real layer): error feedback gives a smaller ||(W - Q) X||
-    than rounding each weight on its own, at exactly the importance-only encoding's options."""
+def _correlated_layer(n: int, k: int, t: int = 2048):
+    """Heavy-tailed weights (n, k), inputs (t, k) with correlated columns of uneven scale (as
+    in a real layer), and their second moment H."""
     rng = np.random.default_rng()
-    n, k, t = 48, 256, 2048
     mix = rng.standard_normal((k, k)) / np.sqrt(k) + np.eye(k)
     x = (rng.standard_normal((t, k)) @ mix * rng.uniform(0.2, 3.0, k)).astype(np.float32)
     w = (rng.standard_normal((n, k)) * rng.standard_t(4, (n, k)) / np.sqrt(k)).astype(np.float32)
-    h = x.astype(np.float64).T @ x / t
+    return w, x, x.astype(np.float64).T @ x / t
+
+
+def test_gptq_lowers_output_error_at_the_same_size():
+    """Correlated inputs (as in a real layer): error feedback gives a smaller ||(W - Q) X||
+    than rounding each weight on its own, at exactly the importance-only encoding's options."""
+    w, x, h = _correlated_layer(48, 256)
     imp = np.diag(h).astype(np.float32)
     for bits in (2.5, 3.0, 3.5):
         plain = pp.compress(w, bits=bits, block_size=64, importance=imp)
@@ -150,12 +155,7 @@ def test_act_order_and_refit_keep_the_size_and_lower_the_output_error():
     """Inside-block act order and the joint least-squares refit of the scales change neither
     the options nor the size; the refit never raises ||(W - Q) X|| beyond FP16 rounding of the
     scales, since the codes it starts from are one point of its search space."""
-    rng = np.random.default_rng()
-    n, k, t = 40, 200, 2048
-    mix = rng.standard_normal((k, k)) / np.sqrt(k) + np.eye(k)
-    x = (rng.standard_normal((t, k)) @ mix * rng.uniform(0.2, 3.0, k)).astype(np.float32)
-    w = (rng.standard_normal((n, k)) * rng.standard_t(4, (n, k)) / np.sqrt(k)).astype(np.float32)
-    h = x.astype(np.float64).T @ x / t
+    w, x, h = _correlated_layer(40, 200)
     plain = pp.compress(w, bits=3.0, block_size=64, importance=np.diag(h).astype(np.float32))
     err = lambda p: np.linalg.norm((w - pp.decompress(p)) @ x.T)  # noqa: E731
     for act in (False, True):

@@ -109,11 +109,15 @@ class LayerStats:
     xtx: np.ndarray | None = None
 
     def add(self, x: np.ndarray) -> None:
-        x = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
+        x = np.asarray(x).reshape(-1, x.shape[-1])
+        x64 = x.astype(np.float64)
         self.n += x.shape[0]
-        self.sq += np.einsum("ij,ij->j", x, x)
+        self.sq += np.einsum("ij,ij->j", x64, x64)
         if self.xtx is not None:
-            self.xtx += x.T @ x
+            # one chunk's product in float32 (sums of <= a few thousand terms: ~1e-6 relative),
+            # accumulated across chunks in float64; twice as fast as a float64 product
+            x32 = x.astype(np.float32)
+            self.xtx += x32.T @ x32
 
     @property
     def importance(self) -> np.ndarray:
