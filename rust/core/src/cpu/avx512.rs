@@ -592,14 +592,22 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
         for s in 0..8 {
             prefetch(p.p2_codes.as_ptr().wrapping_add(e0 * bs + AHEAD + 64 * s));
         }
-        let blk: [usize; 16] = core::array::from_fn(|k| if k < cnt { c.p2_block(e0 + k) } else { 0 });
         // SAFETY: the code loads read codes.len() = cnt * B bytes (whole when cnt = per, else
-        // masked); every activation load below starts at a block start (blk < nb) plus an
-        // offset with offset + 64 <= B (or 32 bytes at offset 0 when B = 32), so it ends before kp + 32 <= stride; the gather reads sx[blk * B / 32 + off]
-        // < kp / 32 <= stride / 32 (sx and qsum); the masked p2_scales loads read the cnt * 5
-        // values of entries e0..e0 + cnt <= E, the masked p2_block load cnt entries < E;
+        // masked); the masked p2_block load reads cnt entries < E; every activation load below
+        // starts at a block start (block clamped to < nb) plus an offset with offset + 64 <= B
+        // (or 32 bytes at offset 0 when B = 32), so it ends before kp + 32 <= stride; the
+        // gather reads sx[blk * B / 32 + off] < kp / 32 <= stride / 32 (sx and qsum); the
+        // masked p2_scales loads read the cnt * 5 values of entries e0..e0 + cnt <= E;
         // features per this function's contract.
         unsafe {
+            // The entries' blocks (0 past cnt), clamped to < nb, and their first columns (one
+            // vector, stored once for the scalar address arithmetic of the x loads).
+            let m: __mmask16 = if cnt >= 16 { 0xFFFF } else { (1u16 << cnt) - 1 };
+            let eb = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.p2_block.as_ptr().add(e0) as *const i16));
+            let eb = _mm512_min_epu32(eb, last_blk);
+            let mut col0 = Idx([0; 16]);
+            _mm512_store_si512(col0.0.as_mut_ptr() as *mut _, _mm512_sllv_epi32(eb, _mm512_set1_epi32(lb as i32)));
+            let col0 = &col0.0;
             let src: [__m512i; 8] = if cnt == per {
                 core::array::from_fn(|s| _mm512_loadu_si512(codes.as_ptr().add(64 * s) as *const _))
             } else {
@@ -615,11 +623,11 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
                 let xq = x.xq[b];
                 let xs: [__m512i; 8] = core::array::from_fn(|s| {
                     if B32 {
-                        let lo = _mm256_loadu_si256(xq.add(blk[2 * s] * 32) as *const __m256i);
-                        let hi = _mm256_loadu_si256(xq.add(blk[2 * s + 1] * 32) as *const __m256i);
+                        let lo = _mm256_loadu_si256(xq.add(col0[2 * s] as usize) as *const __m256i);
+                        let hi = _mm256_loadu_si256(xq.add(col0[2 * s + 1] as usize) as *const __m256i);
                         _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
                     } else {
-                        _mm512_loadu_si512(xq.add((blk[(64 * s) >> lb] << lb) + ((64 * s) & (bs - 1))) as *const _)
+                        _mm512_loadu_si512(xq.add(col0[(64 * s) >> lb] as usize + ((64 * s) & (bs - 1))) as *const _)
                     }
                 });
                 let xt = transpose8(xs);
@@ -628,9 +636,7 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
                 }
             }
             // Lane L: entry unit[L] of the pseudo-superblock, chunk off[L] of its block.
-            let m: __mmask16 = if cnt >= 16 { 0xFFFF } else { (1u16 << cnt) - 1 };
-            let blocks = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.p2_block.as_ptr().add(e0) as *const i16));
-            let blocks = _mm512_min_epu32(_mm512_permutexvar_epi32(unit, blocks), last_blk);
+            let blocks = _mm512_permutexvar_epi32(unit, eb);
             let idx = _mm512_add_epi32(_mm512_sllv_epi32(blocks, _mm512_set1_epi32(bsi as i32)), off);
             let sx: [__m512; NB] = core::array::from_fn(|b| _mm512_i32gather_ps::<4>(idx, x.sx[b]));
             let qs: [__m512i; NB] = core::array::from_fn(|b| _mm512_i32gather_epi32::<4>(idx, x.qsum[b]));
