@@ -324,6 +324,17 @@ fn larger_matrix_parallel_path() {
 }
 
 #[test]
+fn wide_k_u32_predator_columns() {
+    // K > 65536: predator columns past u16 (stored as u32 in the file), K not a multiple of 64
+    // or 512, N not a multiple of 5, plane 2 and predators on every kind of superblock.
+    for &(block, seed) in &[(64, 1400), (32, 1401), (256, 1402)] {
+        let p = random_packed(7, 70_001, block, 0.5, 0.002, seed);
+        assert!(p.out_cols.iter().any(|&c| c > 65_535), "no predator column past u16");
+        check_all(&p, &[1, 2], seed + 10, 1.0, false);
+    }
+}
+
+#[test]
 fn huge_and_tiny_magnitudes() {
     let opts = |scale| Opts { scale, zero_scales: false };
     for (j, &(scale, xmag)) in [(6.0e4f32, 1.0e15f32), (1.0e-6, 1.0e-20), (1.0e-7, 1.0e10), (3.0e4, 1.0e-12)].iter().enumerate() {
