@@ -6,7 +6,9 @@ Weights are heavy-tailed (Student-t, 5 degrees of freedom) and compressed with
 matrices whose packed (ours) / float32 (numpy) sizes add up to more than 3x the last-level cache.
 Threads: 1 and all (``pp.set_num_threads``; numpy's BLAS threads set the same way via
 threadpoolctl when present, else through numpy's bundled OpenBLAS with ctypes; the table says
-what numpy ran with). Median of many runs after warm-up, with the spread (IQR / median).
+what numpy ran with). Median of many runs after warm-up, with the spread (IQR / median); the
+three contenders are timed round-robin in blocks of 10 calls, so that load from other processes
+on the machine falls on all of them alike.
 Cold copies of a packed matrix are made with ``from_arrays`` (distinct memory, same values), so
 the cold rows do not need several slow compressions. The int8 column's relative error against
 float64 ``decompress(p) @ x`` is printed too.
@@ -46,17 +48,29 @@ def llc_bytes() -> int:
     return best or LLC
 
 
-def timeit(fn, n: int) -> tuple[float, float]:
-    for _ in range(3):
-        fn(0)
-    ts = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        fn(i)
-        ts.append(time.perf_counter() - t0)
-    ts = np.array(ts)
-    q1, med, q3 = np.percentile(ts, [25, 50, 75])
-    return float(med), float((q3 - q1) / med)
+def timeit_interleaved(fns: dict, n: int, block: int = 10) -> dict:
+    """Times every function n times, round-robin in blocks of `block` calls (plus one untimed
+    call first: numpy's BLAS threads keep spinning for a while after a call and would slow the
+    next contender's first call), so that load from other processes on the machine hits all of
+    them alike; returns {name: (median s, IQR / median)}."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn(0)
+    ts = {name: [] for name in fns}
+    i = 0
+    while i < n:
+        for name, fn in fns.items():
+            fn(i)
+            for j in range(i, min(n, i + block)):
+                t0 = time.perf_counter()
+                fn(j)
+                ts[name].append(time.perf_counter() - t0)
+        i += block
+    out = {}
+    for name, t in ts.items():
+        q1, med, q3 = np.percentile(np.array(t), [25, 50, 75])
+        out[name] = (float(med), float((q3 - q1) / med))
+    return out
 
 
 class _OpenBlas:
@@ -149,7 +163,7 @@ def main() -> None:
         y_ref = pp.decompress(p0).astype(np.float64) @ x.astype(np.float64)
         err = {a: float(np.linalg.norm(pp.matvec(p0, x, activations=a) - y_ref) / np.linalg.norm(y_ref))
                for a in ("float32", "int8")}
-        runs = 20 if args.quick else 60
+        runs = 20 if args.quick else 100
         for threads in (1, 0):
             pp.set_num_threads(threads)
             tl = 1 if threads == 1 else None
@@ -159,11 +173,11 @@ def main() -> None:
                 for cache in ("hot", "cold") if not args.quick else ("hot",):
                     wl = ws[:1] if cache == "hot" else ws
                     pl = ps[:1] if cache == "hot" else ps
-                    res[cache] = {
-                        "numpy": timeit(lambda i: wl[i % len(wl)] @ x, runs),
-                        "f32": timeit(lambda i: pp.matvec(pl[i % len(pl)], x), runs),
-                        "int8": timeit(lambda i: pp.matvec(pl[i % len(pl)], x, activations="int8"), runs * 2),
-                    }
+                    res[cache] = timeit_interleaved({
+                        "numpy": lambda i: wl[i % len(wl)] @ x,
+                        "f32": lambda i: pp.matvec(pl[i % len(pl)], x),
+                        "int8": lambda i: pp.matvec(pl[i % len(pl)], x, activations="int8"),
+                    }, runs)
             for cache, r in res.items():
                 tn = r["numpy"][0]
                 rows.append(dict(
