@@ -108,9 +108,9 @@ pub fn fit_block_rows(w: &[f32], len: usize, h: &[f32], planes: &[u8], npred: &[
     if let Some(i) = h.iter().position(|v| !v.is_finite() || *v < 0.0) {
         return Err(QuantError::Value(format!("h[{i}] = {}; expected finite values >= 0", h[i])));
     }
-    Ok((0..rows).into_par_iter().map_init(Fitter::new, |f, r| {
+    Ok(crate::cpu::run_in_pool(|| (0..rows).into_par_iter().map_init(Fitter::new, |f, r| {
         f.fit(&w[r * len..(r + 1) * len], h, npred[r] as usize, planes[r] as usize, cfg)
-    }).collect())
+    }).collect()))
 }
 
 /// Checks shape and values of the weights and importance.
@@ -176,17 +176,19 @@ fn block_slices<'a>(w: &'a [f32], h: &'a [f32], d: &Dims, r: usize, b: usize) ->
 }
 
 /// Per (group, block) decision at price `lambda` (error per bit): (plane2, counts per row),
-/// with its bit cost.
-fn decide(stats: &[[[f32; NM]; 2]], rows_in_group: usize, lambda: f64, pred_bits: f64, entry_bits: f64, allow_p2: bool) -> (bool, [u8; ROWS_PER_GROUP], f64) {
+/// with its bit cost. `stats` holds the options of the group's rows.
+fn decide(stats: &[&[[f32; NM]; 2]], lambda: f64, pred_bits: f64, entry_bits: f64, allow_p2: bool) -> (bool, [u8; ROWS_PER_GROUP], f64) {
+    let lam_m: [f64; NM] = std::array::from_fn(|ci| lambda * pred_bits * PREDATOR_COUNTS[ci] as f64);
     let mut best = (false, [0u8; ROWS_PER_GROUP], f64::INFINITY, 0f64);
     for planes in 0..(if allow_p2 { 2 } else { 1 }) {
         let mut cost = if planes == 1 { lambda * entry_bits } else { 0.0 };
         let mut bits = if planes == 1 { entry_bits } else { 0.0 };
         let mut counts = [0u8; ROWS_PER_GROUP];
-        for (i, st) in stats.iter().enumerate().take(rows_in_group) {
+        for (i, st) in stats.iter().enumerate() {
+            let st = &st[planes];
             let mut bc = (f64::INFINITY, 0usize);
-            for (ci, &m) in PREDATOR_COUNTS.iter().enumerate() {
-                let c = st[planes][ci] as f64 + lambda * pred_bits * m as f64;
+            for ci in 0..NM {
+                let c = st[ci] as f64 + lam_m[ci];
                 if c < bc.0 {
                     bc = (c, ci);
                 }
@@ -222,7 +224,12 @@ pub struct Analysis {
 
 impl Analysis {
     /// Fits every option of every block of `w` (float32 [rows, cols], row-major).
+    /// Runs in the crate's worker pool.
     pub fn new(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>, cfg: &QuantConfig) -> Result<Analysis, QuantError> {
+        crate::cpu::run_in_pool(|| Self::new_in_pool(w, rows, cols, importance, cfg))
+    }
+
+    fn new_in_pool(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>, cfg: &QuantConfig) -> Result<Analysis, QuantError> {
         let d = check_weights(w, rows, cols, importance, cfg.block_size)?;
         let h = importance_or_ones(importance, cols);
         let h: &[f32] = &h;
@@ -237,20 +244,12 @@ impl Analysis {
         Ok(Analysis { dims: d, stats, allow_plane2: cfg.allow_plane2 })
     }
 
-    fn cell(&self, gi: usize, blk: usize) -> ([[[f32; NM]; 2]; ROWS_PER_GROUP], usize) {
-        let (rows, nb) = (self.dims.rows, self.dims.n_blocks);
-        let mut s = [[[f32::INFINITY; NM]; 2]; ROWS_PER_GROUP];
-        let n = (rows - gi * ROWS_PER_GROUP).min(ROWS_PER_GROUP);
-        for (i, si) in s.iter_mut().enumerate().take(n) {
-            *si = self.stats[(gi * ROWS_PER_GROUP + i) * nb + blk];
-        }
-        (s, n)
-    }
-
     fn decide_cell(&self, c: usize, lambda: f64) -> (bool, [u8; ROWS_PER_GROUP], f64, f64) {
-        let nb = self.dims.n_blocks;
-        let (s, n) = self.cell(c / nb, c % nb);
-        let (p2, counts, bits) = decide(&s, n, lambda, 8.0 * self.dims.predator_bytes() as f64,
+        let (rows, nb) = (self.dims.rows, self.dims.n_blocks);
+        let (gi, blk) = (c / nb, c % nb);
+        let n = (rows - gi * ROWS_PER_GROUP).min(ROWS_PER_GROUP);
+        let s: [&[[f32; NM]; 2]; ROWS_PER_GROUP] = std::array::from_fn(|i| &self.stats[(gi * ROWS_PER_GROUP + i.min(n - 1)) * nb + blk]);
+        let (p2, counts, bits) = decide(&s[..n], lambda, 8.0 * self.dims.predator_bytes() as f64,
                                         8.0 * self.dims.p2_entry_bytes() as f64, self.allow_plane2);
         let err: f64 = (0..n).map(|i| s[i][p2 as usize][counts[i] as usize] as f64).sum();
         (p2, counts, bits, err)
@@ -261,14 +260,14 @@ impl Analysis {
     pub fn total_bits(&self, lambda: f64) -> f64 {
         let d = &self.dims;
         8.0 * d.fixed_bytes() as f64
-            + (0..d.n_groups * d.n_blocks).into_par_iter().map(|c| self.decide_cell(c, lambda).2).sum::<f64>()
+            + crate::cpu::run_in_pool(|| (0..d.n_groups * d.n_blocks).into_par_iter().map(|c| self.decide_cell(c, lambda).2).sum::<f64>())
     }
 
     /// The estimated weighted squared error at price `lambda` (an upper bound of what
     /// `encode(lambda)` gives).
     pub fn error(&self, lambda: f64) -> f64 {
         let d = &self.dims;
-        (0..d.n_groups * d.n_blocks).into_par_iter().map(|c| self.decide_cell(c, lambda).3).sum()
+        crate::cpu::run_in_pool(|| (0..d.n_groups * d.n_blocks).into_par_iter().map(|c| self.decide_cell(c, lambda).3).sum())
     }
 
     /// Bits of the cheapest matrix (plane 1 only, no predators).
@@ -282,33 +281,67 @@ impl Analysis {
     }
 
     /// The smallest price whose choices fit in `budget_bits` (total stored bits).
+    /// Runs in the crate's worker pool.
     pub fn lambda_for_budget(&self, budget_bits: f64) -> f64 {
+        crate::cpu::run_in_pool(|| self.lambda_in_pool(budget_bits))
+    }
+
+    fn lambda_in_pool(&self, budget_bits: f64) -> f64 {
         if self.total_bits(0.0) <= budget_bits {
             return 0.0;
         }
         let mut hi = self.max_lambda();
+        let mut bhi = self.total_bits(hi);
         // At a high enough price only plane 1 is bought; a budget below that is unreachable
         // and gets the plane-1-only encoding (callers check the minimum first).
         for _ in 0..200 {
-            if self.total_bits(hi) <= budget_bits {
+            if bhi <= budget_bits {
                 break;
             }
             hi *= 4.0;
+            bhi = self.total_bits(hi);
         }
         let mut lo = hi * 1e-12;
-        if self.total_bits(lo) <= budget_bits {
+        let blo = self.total_bits(lo);
+        if blo <= budget_bits {
             lo = 0.0;
         }
-        for _ in 0..60 {
-            let mid = if lo == 0.0 { hi * 1e-12 } else { (lo * hi).sqrt() };
-            if self.total_bits(mid) <= budget_bits {
-                hi = mid;
-            } else {
-                lo = mid;
-            }
+        // Bracket bits(hi) <= budget < bits(lo), narrowed to a relative width of 1e-6. The bits
+        // are a fine staircase in ln(lambda), nearly smooth at this scale: false position on
+        // (ln lambda, bits) with the Illinois correction takes ~10 evaluations where bisection
+        // takes ~25; a bisection step whenever the bracket has not halved in two steps.
+        let (mut fa, mut fb) = (blo - budget_bits, bhi - budget_bits);
+        let (mut side, mut stall) = (0i8, 0u8);
+        for _ in 0..200 {
             if hi / lo.max(1e-300) < 1.0 + 1e-6 {
                 break;
             }
+            let width = if lo > 0.0 { (hi / lo).ln() } else { f64::INFINITY };
+            let mid = if lo == 0.0 {
+                hi * 1e-12
+            } else {
+                let t = if stall >= 2 || fa <= fb { 0.5 } else { (fa / (fa - fb)).clamp(0.02, 0.98) };
+                let m = (lo.ln() + t * width).exp();
+                if m > lo && m < hi { m } else { (lo * hi).sqrt() }
+            };
+            let f = self.total_bits(mid) - budget_bits;
+            if f <= 0.0 {
+                hi = mid;
+                fb = f;
+                if side == 1 {
+                    fa *= 0.5;
+                }
+                side = 1;
+            } else {
+                lo = mid;
+                fa = f;
+                if side == -1 {
+                    fb *= 0.5;
+                }
+                side = -1;
+            }
+            let shrunk = lo > 0.0 && (hi / lo).ln() <= 0.5 * width;
+            stall = if shrunk || stall >= 2 { 0 } else { stall + 1 };
         }
         hi
     }
@@ -316,7 +349,12 @@ impl Analysis {
 
 /// Compresses `w` (float32 [rows, cols], row-major) to at most `cfg.bits` bits per weight.
 /// `importance` ([cols], >= 0) weights the squared error per input column.
+/// Runs in the crate's worker pool (`cpu::set_num_threads` sets its size).
 pub fn compress(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>, cfg: &QuantConfig) -> Result<PackedMatrix, QuantError> {
+    crate::cpu::run_in_pool(|| compress_in_pool(w, rows, cols, importance, cfg))
+}
+
+fn compress_in_pool(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>, cfg: &QuantConfig) -> Result<PackedMatrix, QuantError> {
     check_budget(w, rows, cols, importance, cfg)?;
     let a = Analysis::new(w, rows, cols, importance, cfg)?;
     // Whole bits, never below the fixed part (`check_budget` has ensured bits >= the minimum;
@@ -331,7 +369,12 @@ pub fn compress(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>,
 }
 
 /// Encodes `w` with the choices each cell makes at price `lambda` (see `Analysis`).
+/// Runs in the crate's worker pool.
 pub fn encode(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f64, cfg: &QuantConfig) -> Result<PackedMatrix, QuantError> {
+    crate::cpu::run_in_pool(|| encode_in_pool(w, importance, a, lambda, cfg))
+}
+
+fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f64, cfg: &QuantConfig) -> Result<PackedMatrix, QuantError> {
     let d = a.dims;
     let (rows, cols, g, nb, b) = (d.rows, d.cols, d.n_groups, d.n_blocks, d.block_size);
     if w.len() != rows * cols || importance.is_some_and(|h| h.len() != cols) {
@@ -623,4 +666,6 @@ mod tests {
         assert!(werr(&aware) < werr(&plain), "{} vs {}", werr(&aware), werr(&plain));
     }
 }
+
+
 
