@@ -78,11 +78,14 @@ _SAME_INPUT = _STAGES  # the layers of a stage read the same array
 
 
 # The default calibration text: ``calibration.txt`` (written for the package: prose, science,
-# code, dialogue, numbers) followed by ``calibration_generated.txt``: text sampled from
-# SmolLM2-135M-Instruct (temperature 0.8, 160 tokens) after the first 12 tokens of each paragraph
-# of calibration.txt. The second part more than triples the tokens (851 -> 2915 with SmolLM2's
-# tokenizer), which GPTQ needs: 7.2x -> 6.1x perplexity ratio at 3.0 bits (docs/fidelity.md).
-DEFAULT_CALIBRATION_FILES = ("data/calibration.txt", "data/calibration_generated.txt")
+# code, dialogue, numbers), ``calibration_generated.txt`` (text sampled from SmolLM2-135M-Instruct
+# after the first 12 tokens of each paragraph of calibration.txt) and ``calibration_sampled.txt``
+# (bench/gen_calibration.py: ~27 K tokens sampled from the same model after 40 openings and 40
+# chat prompts of our own, two samples each). ~30 K tokens in all. GPTQ needs many tokens: at 3.0
+# bits 851 -> 2915 tokens took the held-out perplexity ratio 7.2x -> 6.1x and 2915 -> 30 K took
+# it 6.1x -> 4.2x; a second 27 K-token sample of the same prompts (58 K) measured worse on the
+# validation text (docs/fidelity.md).
+DEFAULT_CALIBRATION_FILES = ("data/calibration.txt", "data/calibration_generated.txt", "data/calibration_sampled.txt")
 
 
 def default_calibration_text() -> str:
