@@ -157,6 +157,8 @@ pub struct Fitter {
     nv: [f32; MAXB],
     t1: [i8; MAXB],
     t2: [i8; MAXB],
+    /// Whether the last `refine` stopped before its iteration limit (no step improved).
+    converged: bool,
 }
 
 impl Default for Fitter {
@@ -197,6 +199,7 @@ impl Fitter {
             nv: [0.0; MAXB],
             t1: [0; MAXB],
             t2: [0; MAXB],
+            converged: false,
         }
     }
 
@@ -353,10 +356,12 @@ impl Fitter {
             lanes8(acc)
         };
         let mut sums = ls_sums(&self.xs[..n8], &self.hm[..n8], &self.u[..n8], &self.v[..n8]);
+        self.converged = false;
         for _ in 0..iters {
             let [s11, s12, s22, r1, r2] = sums;
             let det = s11 * s22 - s12 * s12;
             if det.abs() <= 1e-9 * (s11 * s22).max(1e-300) {
+                self.converged = true;
                 break;
             }
             let a = round_f16((r1 * s22 - r2 * s12) / det);
@@ -413,6 +418,7 @@ impl Fitter {
                 std::mem::swap(&mut self.v, &mut self.nv);
                 sums = ls_sums(&self.xs[..n8], &self.hm[..n8], &self.u[..n8], &self.v[..n8]);
             } else {
+                self.converged = true;
                 break;
             }
         }
@@ -484,7 +490,7 @@ impl Fitter {
         self.predators(x, h, m.min(n));
         let (s1, s2, err) = if planes == 2 {
             // Same start as `block_stats`, then predators out and refined from there.
-            let (a, b, _) = self.two_planes(x, h, cfg.joint_iters);
+            let (a, b, e) = self.two_planes(x, h, cfg.joint_iters);
             for i in 0..self.nseq {
                 let k = self.seq[i] as usize;
                 self.mk[k] = 0.0;
@@ -492,7 +498,9 @@ impl Fitter {
                 self.u[k] = 0.0;
                 self.v[k] = 0.0;
             }
-            let r = self.refine(a, b, cfg.joint_iters.max(1));
+            // Without predators a refinement that stopped by itself would only repeat its
+            // last (rejected) step.
+            let r = if self.nseq == 0 && self.converged { (a, b, e) } else { self.refine(a, b, cfg.joint_iters.max(1)) };
             for k in 0..n {
                 self.t1[k] = self.u[k] as i8;
                 self.t2[k] = self.v[k] as i8;
