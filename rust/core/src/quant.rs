@@ -666,6 +666,3 @@ mod tests {
         assert!(werr(&aware) < werr(&plain), "{} vs {}", werr(&aware), werr(&plain));
     }
 }
-
-
-
