@@ -171,6 +171,13 @@ def test_act_order_and_refit_keep_the_size_and_lower_the_output_error():
         assert np.array_equal(pr["pred"], pg["pred"], equal_nan=True)
         assert np.all(pr["s1"] >= 0) and np.all(pr["s2"] >= 0)
         assert err(r) <= err(g) * (1 + 1e-3)
+        # around its own scales, a second pass rounds exactly as the first did
+        again = calibrate.gptq_quantize(w, h, 3.0, 64, act_order=act, fixed=g)
+        assert np.array_equal(pp.decompress(again), pp.decompress(g))
+        # around the refitted scales: same options and size, a different encoding
+        p2 = calibrate.gptq_quantize(w, h, 3.0, 64, act_order=act, fixed=r)
+        assert p2.nbytes == g.nbytes and np.array_equal(_core.to_parts(p2)["s1"], pr["s1"])
+        assert err(p2) < 1.05 * err(r)
 
 
 _U = np.array([-1, -1, -1, 0, 0, 0, 1, 1, 1], dtype=np.int8)

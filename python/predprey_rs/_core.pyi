@@ -31,6 +31,7 @@ __all__ = [
     "shader_source",
     "fit_block",
     "gptq_block",
+    "gptq_block_fixed",
     "analyze",
     "Analysis",
     "to_parts",
@@ -233,6 +234,17 @@ def gptq_block(
     pred float32 [N, L] (NaN where none), err float32 [N, L]); the caller updates the later
     blocks with ``W[:, right] -= err @ U[block, right]``. Releases the GIL.
     """
+
+def gptq_block_fixed(
+    w: npt.NDArray[np.float32],
+    u: npt.NDArray[np.float32],
+    s1: npt.NDArray[np.float32],
+    s2: npt.NDArray[np.float32],
+    is_pred: npt.NDArray[np.bool_],
+) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """``gptq_block`` with the scales (``s1``, ``s2``: float32 [N]; s2 = 0 for one plane) and
+    predator positions (``is_pred``: bool [N, L]) given instead of fitted. Returns (t1, t2,
+    pred, err) as ``gptq_block``. Releases the GIL."""
 
 def analyze(
     weight: npt.NDArray[np.float32],

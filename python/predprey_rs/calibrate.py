@@ -65,6 +65,7 @@ DEFAULT_BLOCK_OFFSETS: dict[int, float] = {0: 0.5, 1: 0.5}
 # GPTQ refinements on by default (docs/fidelity.md: each measured on the validation text).
 DEFAULT_ACT_ORDER = True
 DEFAULT_REFIT = True
+DEFAULT_PASSES = 1
 
 # attribute of llama._Block -> GGUF suffix, and the order the data reaches them inside a block
 # What --calibrate does by default (docs/fidelity.md has the measurements behind the choice).
@@ -226,6 +227,7 @@ def quantize_model(
     act_order: bool = DEFAULT_ACT_ORDER,
     refit: bool = DEFAULT_REFIT,
     stats: Mapping[str, LayerStats] | None = None,
+    passes: int = DEFAULT_PASSES,
 ) -> tuple[dict[str, PackedMatrix], dict[str, np.ndarray]]:
     """Compresses every linear layer of ``model`` (a ``LlamaModel`` with dense weights) with
     statistics from ``sequences`` (token id lists). ``bits``: one budget for all layers or
@@ -234,7 +236,8 @@ def quantize_model(
     pass). ``upstream`` (sequential only): aim each layer at the ORIGINAL model's output
     W x from its compressed-model input x~, i.e. quantize W' = W + W (x - x~)^T x~ (x~^T x~ +
     damp)^-1 (ridge regression of the upstream error) instead of W. ``act_order``, ``refit``
-    (gptq only): see ``gptq_quantize`` and ``refit_scales``. ``stats`` (one pass only): the
+    (gptq only): see ``gptq_quantize`` and ``refit_scales``; ``passes`` (gptq with refit):
+    rounds of codes-then-scales (pass 2 on: GPTQ around the refitted scales). ``stats`` (one pass only): the
     ``collect_stats`` of ``sequences`` already collected (with H for gptq), to reuse them across
     budgets. The model is left as it was. Returns ({GGUF name: PackedMatrix}, {GGUF name: importance vector})."""
     from . import compress
@@ -255,8 +258,11 @@ def quantize_model(
         h = st.importance
         if method == "gptq":
             p = gptq_quantize(w, st.hessian, budget(name), block_size, damp=damp, act_order=act_order)
-            if refit:
-                p = refit_scales(p, w, st.hessian, damp=damp)
+            for i in range(passes if refit else 1):
+                if i:  # codes again around the refitted scales, then refit those
+                    p = gptq_quantize(w, st.hessian, budget(name), block_size, damp=damp, act_order=act_order, fixed=p)
+                if refit:
+                    p = refit_scales(p, w, st.hessian, damp=damp)
         else:
             p = compress(w, bits=budget(name), block_size=block_size, importance=h if np.any(h > 0) else None)
         if on_layer is not None:
@@ -379,14 +385,17 @@ def _dense(v: Any) -> np.ndarray:
 # --------------------------------------------------------------------------------- GPTQ
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: float, block_size: int = 64,
-                  damp: float = 0.01, act_order: bool = False) -> PackedMatrix:
+                  damp: float = 0.01, act_order: bool = False, fixed: PackedMatrix | None = None) -> PackedMatrix:
     """Compresses ``w`` (N, K) minimising ||(W - Q) X||^2 for inputs with second moment
     ``hessian`` (K, K) = X^T X / T, by error feedback across columns (GPTQ) inside the
     format: the options of every cell (planes, predators per row and block) come from an
     importance-weighted ``compress`` at ``bits``, so the size is that of ``compress``.
     ``act_order``: inside each block, round the columns in order of decreasing importance
     (H's diagonal), so the most important ones are rounded first and the later ones absorb
-    their errors (blocks stay in order: the block scales are unaffected)."""
+    their errors (blocks stay in order: the block scales are unaffected). ``fixed``: a
+    previous encoding of ``w`` (e.g. after ``refit_scales``) whose options, block scales and
+    predator positions are kept; only the codes and predator values are chosen again, with
+    error feedback, around those scales."""
     from . import _core, compress
 
     w = np.asarray(w, dtype=np.float32)
@@ -396,7 +405,9 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: float, block_size: i
     dead = diag <= 0
     hs[dead, dead] = 1.0
     h = np.diag(hs).astype(np.float32)
-    first = compress(w, bits=bits, block_size=block_size, importance=h)
+    first = fixed if fixed is not None else compress(w, bits=bits, block_size=block_size, importance=h)
+    if first.shape != (n, k) or first.block_size != block_size:
+        raise ValueError(f"fixed is {first.shape} with block_size {first.block_size}; expected {(n, k)} and {block_size}")
     parts = _core.to_parts(first)
     nb = parts["s1"].shape[1]
     p2 = parts["p2"]
@@ -426,10 +437,16 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: float, block_size: i
         c0, c1 = b * block_size, min(k, (b + 1) * block_size)
         planes = np.where(two_rows[:, b], 2, 1).astype(np.uint8)
         npred = npred_all[:, c0:c1].sum(1).astype(np.uint8)
-        # fit + column-by-column rounding with in-block feedback, in Rust (rows in parallel)
-        s1[:, b], s2[:, b], t1[:, c0:c1], t2[:, c0:c1], pred[:, c0:c1], err = _core.gptq_block(
-            np.ascontiguousarray(W[:, c0:c1]), np.ascontiguousarray(h[c0:c1]), np.ascontiguousarray(u[c0:c1, c0:c1]),
-            planes, npred)
+        wb, ub = np.ascontiguousarray(W[:, c0:c1]), np.ascontiguousarray(u[c0:c1, c0:c1])
+        # (fit +) column-by-column rounding with in-block feedback, in Rust (rows in parallel)
+        if fixed is None:
+            s1[:, b], s2[:, b], t1[:, c0:c1], t2[:, c0:c1], pred[:, c0:c1], err = _core.gptq_block(
+                wb, np.ascontiguousarray(h[c0:c1]), ub, planes, npred)
+        else:
+            s1[:, b], s2[:, b] = parts["s1"][:, b], np.where(two_rows[:, b], parts["s2"][:, b], 0)
+            t1[:, c0:c1], t2[:, c0:c1], pred[:, c0:c1], err = _core.gptq_block_fixed(
+                wb, ub, np.ascontiguousarray(s1[:, b]), np.ascontiguousarray(s2[:, b]),
+                np.ascontiguousarray(npred_all[:, c0:c1]))
         if c1 < k:
             W[:, c1:] -= err @ u[c0:c1, c1:]
     s2[~two_rows] = 0

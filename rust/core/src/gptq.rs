@@ -46,6 +46,40 @@ pub struct GptqBlock {
 /// of the damped inverse Hessian, `planes` and `npred` [rows] the options.
 pub fn quantize_block(w: &mut [f32], len: usize, h: &[f32], u: &[f32], planes: &[u8], npred: &[u8], cfg: &QuantConfig) -> Result<GptqBlock, QuantError> {
     let rows = planes.len();
+    check_factor(u, len)?;
+    let fits = fit_block_rows(w, len, h, planes, npred, cfg)?;
+    let s1: Vec<f32> = fits.iter().map(|f| f.s1).collect();
+    let s2: Vec<f32> = fits.iter().zip(planes).map(|(f, &p)| if p == 2 { f.s2 } else { 0.0 }).collect();
+    let mut is_pred = vec![false; rows * len];
+    for (r, f) in fits.iter().enumerate() {
+        for &(k, _) in &f.preds {
+            is_pred[r * len + k] = true;
+        }
+    }
+    round_block(w, len, u, s1, s2, &is_pred)
+}
+
+/// The rounding half of [`quantize_block`] with the scales and predator positions given
+/// (e.g. scales refitted after a first pass): `s1`, `s2` [rows] (s2 = 0: one plane),
+/// `is_pred` [rows, len].
+pub fn quantize_block_fixed(w: &mut [f32], len: usize, u: &[f32], s1: &[f32], s2: &[f32], is_pred: &[bool]) -> Result<GptqBlock, QuantError> {
+    let rows = s1.len();
+    check_factor(u, len)?;
+    if len == 0 || w.len() != rows * len || s2.len() != rows || is_pred.len() != rows * len {
+        return Err(QuantError::Shape(format!(
+            "gptq: w has {} values, s1 {}, s2 {}, is_pred {}; expected [rows, len], [rows], [rows], [rows, len]",
+            w.len(), s1.len(), s2.len(), is_pred.len())));
+    }
+    if let Some(i) = s1.iter().chain(s2).position(|v| !v.is_finite()) {
+        return Err(QuantError::Value(format!("gptq: scale {i} is not finite")));
+    }
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(QuantError::Value(format!("gptq: w[{}, {}] = {}; expected finite values", i / len, i % len, w[i])));
+    }
+    round_block(w, len, u, s1.to_vec(), s2.to_vec(), is_pred)
+}
+
+fn check_factor(u: &[f32], len: usize) -> Result<(), QuantError> {
     if u.len() != len * len {
         return Err(QuantError::Shape(format!("gptq: u has {} values; expected [{len}, {len}]", u.len())));
     }
@@ -55,17 +89,14 @@ pub fn quantize_block(w: &mut [f32], len: usize, h: &[f32], u: &[f32], planes: &
     if let Some(i) = u.iter().position(|v| !v.is_finite()) {
         return Err(QuantError::Value(format!("gptq: u[{}, {}] = {}; expected finite values", i / len, i % len, u[i])));
     }
-    let fits = fit_block_rows(w, len, h, planes, npred, cfg)?;
-    let mut out = GptqBlock {
-        s1: fits.iter().map(|f| f.s1).collect(),
-        s2: fits.iter().zip(planes).map(|(f, &p)| if p == 2 { f.s2 } else { 0.0 }).collect(),
-        t1: vec![0; rows * len],
-        t2: vec![0; rows * len],
-        pred: vec![f32::NAN; rows * len],
-        err: vec![0.0; rows * len],
-    };
-    let s1 = &out.s1;
-    let s2 = &out.s2;
+    Ok(())
+}
+
+/// Rounds the columns left to right with in-block feedback (rows in parallel).
+fn round_block(w: &mut [f32], len: usize, u: &[f32], s1: Vec<f32>, s2: Vec<f32>, is_pred: &[bool]) -> Result<GptqBlock, QuantError> {
+    let rows = s1.len();
+    let mut out = GptqBlock { s1, s2, t1: vec![0; rows * len], t2: vec![0; rows * len], pred: vec![f32::NAN; rows * len], err: vec![0.0; rows * len] };
+    let (s1, s2) = (&out.s1, &out.s2);
     w.par_chunks_mut(len)
         .zip(out.t1.par_chunks_mut(len))
         .zip(out.t2.par_chunks_mut(len))
@@ -73,14 +104,11 @@ pub fn quantize_block(w: &mut [f32], len: usize, h: &[f32], u: &[f32], planes: &
         .zip(out.err.par_chunks_mut(len))
         .enumerate()
         .for_each(|(r, ((((wr, t1), t2), pred), err))| {
-            let mut is_pred = [false; 256];
-            for &(k, _) in &fits[r].preds {
-                is_pred[k] = true;
-            }
+            let ispred = &is_pred[r * len..(r + 1) * len];
             let (a, b) = (s1[r], s2[r]);
             for j in 0..len {
                 let x = wr[j];
-                let q = if is_pred[j] {
+                let q = if ispred[j] {
                     let v = f16::from_f32(x).to_f32();
                     pred[j] = v;
                     v
@@ -193,6 +221,30 @@ mod tests {
             let expect = w0[j] - 0.3 * g.err[..j].iter().sum::<f32>();
             assert!((w[j] - expect).abs() < 1e-5, "column {j}: {} vs {expect}", w[j]);
         }
+    }
+
+    #[test]
+    fn fixed_scales_give_the_same_rounding_as_the_fitted_ones() {
+        let (rows, len) = (9, 64);
+        let mut s = 5u64;
+        let w0: Vec<f32> = (0..rows * len).map(|_| lcg(&mut s)).collect();
+        let mut u = vec![0.0; len * len];
+        for j in 0..len {
+            for k in j..len {
+                u[j * len + k] = if j == k { 1.0 + 0.1 * lcg(&mut s).abs() } else { 0.05 * lcg(&mut s) };
+            }
+        }
+        let planes: Vec<u8> = (0..rows).map(|r| 1 + (r % 2) as u8).collect();
+        let npred: Vec<u8> = (0..rows).map(|r| (r % 4) as u8).collect();
+        let cfg = QuantConfig::new(0.0, 64);
+        let mut w1 = w0.clone();
+        let g = quantize_block(&mut w1, len, &vec![1.0; len], &u, &planes, &npred, &cfg).unwrap();
+        let is_pred: Vec<bool> = g.pred.iter().map(|v| v.is_finite()).collect();
+        let mut w2 = w0.clone();
+        let f = quantize_block_fixed(&mut w2, len, &u, &g.s1, &g.s2, &is_pred).unwrap();
+        assert_eq!((&f.t1, &f.t2, &f.err), (&g.t1, &g.t2, &g.err));
+        assert_eq!(w1, w2);
+        assert!(quantize_block_fixed(&mut w2, len, &u, &g.s1, &g.s2[1..], &is_pred).is_err());
     }
 
     #[test]

@@ -346,6 +346,27 @@ fn gptq_block<'py>(
         g.pred.into_pyarray(py).reshape([n, l])?, g.err.into_pyarray(py).reshape([n, l])?))
 }
 
+/// `gptq_block` with the scales and predator positions given (`predprey_core::gptq::quantize_block_fixed`):
+/// `w` float32 [N, L], `u` float32 [L, L], `s1`, `s2` float32 [N] (s2 = 0: one plane),
+/// `is_pred` bool [N, L]. Returns (t1 int8 [N, L], t2 int8 [N, L], pred float32 [N, L], err
+/// float32 [N, L]).
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn gptq_block_fixed<'py>(
+    py: Python<'py>, w: PyReadonlyArray2<'py, f32>, u: PyReadonlyArray2<'py, f32>, s1: PyReadonlyArray1<'py, f32>,
+    s2: PyReadonlyArray1<'py, f32>, is_pred: PyReadonlyArray2<'py, bool>,
+) -> PyResult<(Bound<'py, PyArray2<i8>>, Bound<'py, PyArray2<i8>>, Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<f32>>)> {
+    let (n, l) = (w.shape()[0], w.shape()[1]);
+    if u.shape() != [l, l] || is_pred.shape() != [n, l] {
+        return Err(errors::ShapeError::new_err(format!("u has shape {:?} and is_pred {:?}; expected [{l}, {l}] and [{n}, {l}] for w of shape [{n}, {l}]", u.shape(), is_pred.shape())));
+    }
+    let mut ws = contiguous("w", &w)?.to_vec();
+    let (us, a, b, ip) = (contiguous("u", &u)?, contiguous("s1", &s1)?, contiguous("s2", &s2)?, contiguous("is_pred", &is_pred)?);
+    let g = py.detach(|| predprey_core::gptq::quantize_block_fixed(&mut ws, l, us, a, b, ip)).map_err(errors::quant)?;
+    Ok((g.t1.into_pyarray(py).reshape([n, l])?, g.t2.into_pyarray(py).reshape([n, l])?,
+        g.pred.into_pyarray(py).reshape([n, l])?, g.err.into_pyarray(py).reshape([n, l])?))
+}
+
 /// The dense spelling of a matrix: dict with t1, t2 (int8 [N, K]), s1, s2 (float32 [N, nb]),
 /// p2 (bool [G, nb]: cells with a second plane), pred (float32 [N, K], NaN = no predator).
 #[pyfunction]
@@ -460,6 +481,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(shader_source, m)?)?;
     m.add_function(wrap_pyfunction!(fit_block, m)?)?;
     m.add_function(wrap_pyfunction!(gptq_block, m)?)?;
+    m.add_function(wrap_pyfunction!(gptq_block_fixed, m)?)?;
     m.add_function(wrap_pyfunction!(analyze, m)?)?;
     m.add_class::<PyAnalysis>()?;
     m.add_function(wrap_pyfunction!(to_parts, m)?)?;
