@@ -7,8 +7,9 @@ matrices whose packed (ours) / float32 (numpy) sizes add up to more than 3x the 
 Threads: 1 and all (``pp.set_num_threads``; numpy's BLAS threads set the same way via
 threadpoolctl when present, else through numpy's bundled OpenBLAS with ctypes; the table says
 what numpy ran with). Median of many runs after warm-up, with the spread (IQR / median); the
-three contenders are timed round-robin in blocks of 10 calls, so that load from other processes
-on the machine falls on all of them alike.
+three contenders are timed round-robin in blocks of 10 calls, each block after 0.2 s of untimed
+calls of the same contender, so that load from other processes falls on all of them alike and
+no contender pays for the previous one (numpy's spinning BLAS threads).
 Cold copies of a packed matrix are made with ``from_arrays`` (distinct memory, same values), so
 the cold rows do not need several slow compressions. The int8 column's relative error against
 float64 ``decompress(p) @ x`` is printed too.
@@ -48,11 +49,17 @@ def llc_bytes() -> int:
     return best or LLC
 
 
+WARM_S = 0.2  # untimed calls before every block: see timeit_interleaved
+
+
 def timeit_interleaved(fns: dict, n: int, block: int = 10) -> dict:
-    """Times every function n times, round-robin in blocks of `block` calls (plus one untimed
-    call first: numpy's BLAS threads keep spinning for a while after a call and would slow the
-    next contender's first call), so that load from other processes on the machine hits all of
-    them alike; returns {name: (median s, IQR / median)}."""
+    """Times every function n times, round-robin in blocks of `block` calls, so that load from
+    other processes on the machine hits all of them alike; returns {name: (median s, IQR /
+    median)}. Every block starts with WARM_S seconds of untimed calls of the same function:
+    after numpy's block its BLAS threads keep spinning for ~0.1 s and take the second core from
+    our workers, and after any pause the VM's idle cores come back slowly (measured on the
+    2-core VM: ours int8 at 2 threads 1.1 ms alone, ~3 ms for the first 0.1 s after one numpy
+    call, ~1.6 ms after a 2 s pause; a few untimed calls per block were not enough)."""
     for fn in fns.values():
         for _ in range(3):
             fn(0)
@@ -60,7 +67,9 @@ def timeit_interleaved(fns: dict, n: int, block: int = 10) -> dict:
     i = 0
     while i < n:
         for name, fn in fns.items():
-            fn(i)
+            t_end = time.perf_counter() + WARM_S
+            while time.perf_counter() < t_end:
+                fn(i)
             for j in range(i, min(n, i + block)):
                 t0 = time.perf_counter()
                 fn(j)
