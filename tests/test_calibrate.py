@@ -171,6 +171,10 @@ def test_act_order_and_refit_keep_the_size_and_lower_the_output_error():
         assert np.array_equal(pr["pred"], pg["pred"], equal_nan=True)
         assert np.all(pr["s1"] >= 0) and np.all(pr["s2"] >= 0)
         assert err(r) <= err(g) * (1 + 1e-3)
+        rp = calibrate.refit_scales(g, w, h, damp=0.0, predators=True)  # predator values re-solved too
+        assert rp.nbytes == g.nbytes
+        assert np.array_equal(np.isfinite(_core.to_parts(rp)["pred"]), np.isfinite(pg["pred"]))
+        assert err(rp) <= err(r) * (1 + 1e-3)
         # around its own scales, a second pass rounds exactly as the first did
         again = calibrate.gptq_quantize(w, h, 3.0, 64, act_order=act, fixed=g)
         assert np.array_equal(pp.decompress(again), pp.decompress(g))

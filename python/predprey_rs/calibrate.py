@@ -456,13 +456,16 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: float, block_size: i
     return _core.from_parts(block_size, t1, s1, p2, t2, s2, pred)
 
 
-def refit_scales(packed: PackedMatrix, w: np.ndarray, hessian: np.ndarray, damp: float = 0.01) -> PackedMatrix:
+def refit_scales(packed: PackedMatrix, w: np.ndarray, hessian: np.ndarray, damp: float = 0.01,
+                 predators: bool = False) -> PackedMatrix:
     """The same codes and predators with every row's block scales re-solved jointly to
     minimise the output error (w - q) H (w - q)^T over the calibration inputs (H = X^T X / T,
     damped like GPTQ's), instead of each block's own weighted fit. Per row, the scales of all
     planes and blocks are the unknowns of one small least-squares problem: with T the codes
-    placed in their columns, s = (T^T H T)^-1 T^T H (w - p). A negative solution flips that
-    block's codes (scales stay >= 0); FP16 rounding applies. Size and layout are unchanged."""
+    placed in their columns, s = (T^T H T)^-1 T^T H (w - p). ``predators``: the row's predator
+    values are unknowns of the same problem (columns e_c of T), instead of kept. A negative
+    solution flips that block's codes (scales stay >= 0); FP16 rounding applies. Size and
+    layout are unchanged."""
     from . import _core
 
     w = np.asarray(w, dtype=np.float64)
@@ -475,7 +478,8 @@ def refit_scales(packed: PackedMatrix, w: np.ndarray, hessian: np.ndarray, damp:
     hs[:k, :k] = hessian
     hs[np.diag_indices(k)] += damp * float(np.mean(np.diag(hs)[:k])) + 1e-12
     pred = parts["pred"]
-    p = np.where(np.isfinite(pred), pred, 0.0)
+    ispred = np.isfinite(pred)
+    p = np.where(ispred, pred, 0.0)
     two = np.repeat(parts["p2"], 5, axis=0)[:n]  # (N, nb)
     codes = np.zeros((2, n, kp))
     codes[0, :, :k] = parts["t1"]
@@ -483,23 +487,45 @@ def refit_scales(packed: PackedMatrix, w: np.ndarray, hessian: np.ndarray, damp:
     codes[1] *= np.repeat(two, bs, axis=1)
     cb = codes.reshape(2, n, nb, bs)
     m = 2 * nb
-    gram = np.zeros((n, m, m))
+    # predator unknowns: up to pm per row, padded with a dead slot (identity row, rhs 0)
+    pm = int(ispred.sum(1).max()) if predators and ispred.any() else 0
+    pcol = np.zeros((n, pm), np.int64)
+    plive = np.zeros((n, pm), bool)
+    if pm:
+        rr, cc = np.nonzero(ispred)
+        slot = np.arange(rr.size) - np.searchsorted(rr, rr)  # rank of each predator in its row
+        pcol[rr, slot], plive[rr, slot] = cc, True
+    rows = np.arange(n)[:, None]
+    gram = np.zeros((n, m + pm, m + pm))
     for pl in range(2):
         for b in range(nb):
             a = cb[pl, :, b, :] @ hs[b * bs:(b + 1) * bs, :]  # (N, Kp): t_u^T H for unknown u
-            gram[:, pl * nb + b, :] = (a[None] * codes).reshape(2, n, nb, bs).sum(-1).transpose(1, 0, 2).reshape(n, m)
-    r = np.zeros((n, kp))
-    r[:, :k] = w - p
-    r = r @ hs
-    rhs = (codes * r[None]).reshape(2, n, nb, bs).sum(-1).transpose(1, 0, 2).reshape(n, m)
+            u = pl * nb + b
+            gram[:, u, :m] = (a[None] * codes).reshape(2, n, nb, bs).sum(-1).transpose(1, 0, 2).reshape(n, m)
+            if pm:
+                gram[:, u, m:] = np.where(plive, a[rows, pcol], 0.0)
+                gram[:, m:, u] = gram[:, u, m:]
+    target = np.zeros((n, kp))
+    target[:, :k] = w if pm else w - p
+    r = target @ hs
+    rhs = np.zeros((n, m + pm))
+    rhs[:, :m] = (codes * r[None]).reshape(2, n, nb, bs).sum(-1).transpose(1, 0, 2).reshape(n, m)
+    if pm:
+        live2 = plive[:, :, None] & plive[:, None, :]
+        gram[:, m:, m:] = np.where(live2, hs[pcol[:, :, None], pcol[:, None, :]], 0.0)
+        rhs[:, m:] = np.where(plive, r[rows, pcol], 0.0)
     d = np.einsum("nii->ni", gram)
     empty = d <= 0
-    idx = np.arange(m)
+    idx = np.arange(m + pm)
     gram[:, idx, idx] += np.where(empty, 1.0, 1e-9 * d)
     rhs[empty] = 0.0
     sol = np.linalg.solve(gram, rhs[..., None])[..., 0]
     sol = np.clip(sol, -65504.0, 65504.0).astype(np.float16).astype(np.float32)
-    s = sol.reshape(n, 2, nb)
+    s = sol[:, :m].reshape(n, 2, nb)
+    if pm:
+        pred = pred.copy()
+        rr, ss = np.nonzero(plive)
+        pred[rr, pcol[rr, ss]] = sol[:, m:][rr, ss]
     flip = np.repeat(np.where(s < 0, -1, 1).astype(np.int8), bs, axis=2)[:, :, :k]  # (N, 2, K)
     t1 = parts["t1"] * flip[:, 0]
     t2 = parts["t2"] * flip[:, 1]
