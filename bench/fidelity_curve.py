@@ -106,8 +106,8 @@ def main() -> None:
         cal_bits = [b for b in cal_bits if abs(b - e["bits"]) > 1e-9]
     for b in cal_bits:
         t = time.perf_counter()
-        budget = calibrate.layer_bits(m, b, calibrate.DEFAULT_TYPE_OFFSETS, 64, calibrate.DEFAULT_BLOCK_OFFSETS)
-        w, _ = calibrate.quantize_model(m, seqs, budget, 64, method="gptq", sequential=False, stats=stats)
+        w, _ = calibrate.quantize_model(m, seqs, calibrate.default_layer_bits(m, b, 64), 64, method="gptq",
+                                        sequential=False, stats=stats)
         measure("ours+calibrated", b, w, evaluate.bits_per_weight(w), time.perf_counter() - t)
 
     out = Path(args.out)

@@ -159,10 +159,8 @@ def batched_decode(model, prompts: list[list[int]], new_tokens: int, rng: np.ran
         pos = np.array([c.length for c in caches])
         for li, blk in enumerate(model.blocks):
             h = _rms_norm(x, blk.attn_norm, cfg.rms_eps)
-            q = np.concatenate([model._rope(r[None], p[None]) for r, p in
-                                zip(blk.q(h).reshape(b, nh, hd), pos)])
-            k = np.concatenate([model._rope(r[None], p[None]) for r, p in
-                                zip(blk.k(h).reshape(b, nkv, hd), pos)])
+            q = model._rope(blk.q(h).reshape(b, nh, hd), pos)  # one position per row (sequence)
+            k = model._rope(blk.k(h).reshape(b, nkv, hd), pos)
             v = blk.v(h).reshape(b, nkv, hd)
             o = np.empty((b, nh * hd), np.float32)
             for i, c in enumerate(caches):

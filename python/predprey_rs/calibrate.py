@@ -42,6 +42,7 @@ __all__ = [
     "collect_stats",
     "quantize_model",
     "layer_bits",
+    "default_layer_bits",
     "gptq_quantize",
     "refit_scales",
     "DEFAULT_TYPE_OFFSETS",
@@ -212,6 +213,14 @@ def layer_bits(model: Any, bits: float, type_offsets: Mapping[str, float] | None
             break
         held.update(low)
     return {n: floor if n in held else want[n] + corr for n in sizes}
+
+
+def default_layer_bits(model: Any, bits: float, block_size: int = 64,
+                       type_offsets: Mapping[str, float] | None = None) -> dict[str, float]:
+    """What ``--calibrate`` allocates: ``layer_bits`` with ``type_offsets`` (default
+    DEFAULT_TYPE_OFFSETS) and DEFAULT_BLOCK_OFFSETS."""
+    offs = DEFAULT_TYPE_OFFSETS if type_offsets is None else type_offsets
+    return layer_bits(model, bits, offs, block_size, DEFAULT_BLOCK_OFFSETS)
 
 
 def quantize_model(
@@ -496,12 +505,17 @@ def refit_scales(packed: PackedMatrix, w: np.ndarray, hessian: np.ndarray, damp:
         slot = np.arange(rr.size) - np.searchsorted(rr, rr)  # rank of each predator in its row
         pcol[rr, slot], plive[rr, slot] = cc, True
     rows = np.arange(n)[:, None]
+
+    def per_unknown(v: np.ndarray) -> np.ndarray:
+        """(N, Kp) -> (N, m): sum of v over each (plane, block) unknown's codes, t_u^T v."""
+        return (codes * v[None]).reshape(2, n, nb, bs).sum(-1).transpose(1, 0, 2).reshape(n, m)
+
     gram = np.zeros((n, m + pm, m + pm))
     for pl in range(2):
         for b in range(nb):
             a = cb[pl, :, b, :] @ hs[b * bs:(b + 1) * bs, :]  # (N, Kp): t_u^T H for unknown u
             u = pl * nb + b
-            gram[:, u, :m] = (a[None] * codes).reshape(2, n, nb, bs).sum(-1).transpose(1, 0, 2).reshape(n, m)
+            gram[:, u, :m] = per_unknown(a)
             if pm:
                 gram[:, u, m:] = np.where(plive, a[rows, pcol], 0.0)
                 gram[:, m:, u] = gram[:, u, m:]
@@ -509,7 +523,7 @@ def refit_scales(packed: PackedMatrix, w: np.ndarray, hessian: np.ndarray, damp:
     target[:, :k] = w if pm else w - p
     r = target @ hs
     rhs = np.zeros((n, m + pm))
-    rhs[:, :m] = (codes * r[None]).reshape(2, n, nb, bs).sum(-1).transpose(1, 0, 2).reshape(n, m)
+    rhs[:, :m] = per_unknown(r)
     if pm:
         live2 = plive[:, :, None] & plive[:, None, :]
         gram[:, m:, m:] = np.where(live2, hs[pcol[:, :, None], pcol[:, None, :]], 0.0)
@@ -574,7 +588,7 @@ def calibrate_source(src: str | Path, text: str | None = None, bits: float = 3.0
     if seqs is None:
         raise ValueError(f"{src} has no tokenizer to encode the calibration text with")
     offs = DEFAULT_TYPE_OFFSETS if type_offsets is None else type_offsets
-    budget = layer_bits(model, bits, offs, block_size, DEFAULT_BLOCK_OFFSETS)
+    budget = default_layer_bits(model, bits, block_size, offs)
     packed, imp = quantize_model(model, seqs, budget, block_size, method=method, sequential=sequential,
                                  upstream=upstream and sequential, on_layer=on_layer)
     info = {"calibration": {"method": method, "sequential": sequential, "upstream": upstream and sequential, "tokens": sum(len(s) for s in seqs),

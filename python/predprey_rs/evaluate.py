@@ -86,8 +86,7 @@ def evaluate_model(model: Any, text: str, bits: float = 3.0, block_size: int = 6
     t1 = time.perf_counter()
     seqs = calibrate.calibration_ids(model.tokenizer, calibration)
     seq = calibrate.DEFAULT_SEQUENTIAL if sequential is None else sequential
-    budget = calibrate.layer_bits(model, bits, type_offsets if type_offsets is not None else calibrate.DEFAULT_TYPE_OFFSETS,
-                                 block_size, calibrate.DEFAULT_BLOCK_OFFSETS)
+    budget = calibrate.default_layer_bits(model, bits, block_size, type_offsets)
     packed, _ = calibrate.quantize_model(model, seqs, budget, block_size, method=method,
                                          sequential=seq, upstream=calibrate.DEFAULT_UPSTREAM and seq,
                                          on_layer=progress)

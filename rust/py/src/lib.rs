@@ -289,6 +289,13 @@ fn shader_source(name: &str) -> PyResult<&'static str> {
     })
 }
 
+/// The quantizer settings of the block-fit entry points (no budget: the options are given).
+fn block_fit_config(joint_iters: usize) -> QuantConfig {
+    let mut cfg = QuantConfig::new(0.0, 32);
+    cfg.joint_iters = joint_iters;
+    cfg
+}
+
 /// Fits one block column of many rows with fixed options (for error-feedback calibration).
 /// `w`: float32 [N, L] (L <= 256), `h`: float32 [L] importance, `planes`, `npred`: uint8 [N].
 /// Returns (s1 [N], s2 [N], t1 int8 [N, L], t2 int8 [N, L], pred float32 [N, L] with NaN where
@@ -303,8 +310,7 @@ fn fit_block<'py>(
     let (n, l) = (w.shape()[0], w.shape()[1]);
     let (ws, hs) = (contiguous("w", &w)?, contiguous("h", &h)?);
     let (ps, ns) = (contiguous("planes", &planes)?, contiguous("npred", &npred)?);
-    let mut cfg = QuantConfig::new(0.0, 32);
-    cfg.joint_iters = joint_iters;
+    let cfg = block_fit_config(joint_iters);
     let fits = py.detach(|| quant::fit_block_rows(ws, l, hs, ps, ns, &cfg)).map_err(errors::quant)?;
     let (mut t1, mut t2, mut pred) = (Vec::with_capacity(n * l), Vec::with_capacity(n * l), vec![f32::NAN; n * l]);
     for (r, f) in fits.iter().enumerate() {
@@ -339,8 +345,7 @@ fn gptq_block<'py>(
     let mut ws = contiguous("w", &w)?.to_vec();
     let (hs, us) = (contiguous("h", &h)?, contiguous("u", &u)?);
     let (ps, ns) = (contiguous("planes", &planes)?, contiguous("npred", &npred)?);
-    let mut cfg = QuantConfig::new(0.0, 32);
-    cfg.joint_iters = joint_iters;
+    let cfg = block_fit_config(joint_iters);
     let g = py.detach(|| predprey_core::gptq::quantize_block(&mut ws, l, hs, us, ps, ns, &cfg)).map_err(errors::quant)?;
     Ok((g.s1.into_pyarray(py), g.s2.into_pyarray(py), g.t1.into_pyarray(py).reshape([n, l])?, g.t2.into_pyarray(py).reshape([n, l])?,
         g.pred.into_pyarray(py).reshape([n, l])?, g.err.into_pyarray(py).reshape([n, l])?))
