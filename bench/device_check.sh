@@ -92,7 +92,7 @@ else:
 b = load("bench.json")
 if b:
     print(f"bench on {b['adapter']['device']} via {b['adapter']['backend']} ({b['adapter']['kernel_variant']}), "
-          f"copy {b['copy_gbps']:.4g} GB/s, L2 {b['l2_mb']} MiB:")
+          f"copy {b['copy_gbps']:.4g} GB/s, per-dispatch floor {b.get('dispatch_floor_us', float('nan')):.2f} us, L2 {b['l2_mb']} MiB:")
     print(f"  {'shape':>10} {'B':>2} {'ours us':>9} {'GB/s':>7} {'%copy':>6} {'x dense':>8} {'x torch':>8}")
     for r in b["rows"]:
         xd = f"{r['speedup_vs_dense']:.2f}" if "speedup_vs_dense" in r else "-"
@@ -105,7 +105,8 @@ if b:
         print(f"goal at batch 1: >= 75% of copy (worst shape {pct:.0f}%), >= 4x dense f16 (worst {xd:.2f}x)")
     for shape in dict.fromkeys(s["shape"] for s in b.get("sweep", [])):
         best = min((s for s in b["sweep"] if s["shape"] == shape), key=lambda s: s["us"])
-        print(f"  best launch ({shape}, B=1): fast={best.get('fast', 0)} wg={best['wg']} gpw={best['gpw']} direct={best['direct']} "
+        print(f"  best launch ({shape}, B=1): fast={best.get('fast', 0)} "
+              f"wg={best['wg']} direct={best['direct']} "
               f"{best['gbps']:.4g} GB/s ({100 * best['gbps'] / b['copy_gbps']:.0f}% of copy)")
 else:
     print("bench: no result (see bench.log)")

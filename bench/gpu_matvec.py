@@ -30,7 +30,13 @@ import predprey_rs as pp
 from predprey_rs import _gpubench as gb
 from predprey_rs import _synth, gpu
 
-SWEEP_SHAPES = [(4096, 14336), (14336, 4096)]
+# untimed work before every timed block (WARM_S) and after uploading a shape's matrices (SETTLE_S).
+# Without them, and again with 0.2 s only, H100 runs showed the first cold row of a shape 4-5x slow
+# (4096x14336: 148 us; the same matrices timed later in the same run: 29 us); the two runs with
+# 1 s after the uploads showed no such row.
+WARM_S = 0.2
+SETTLE_S = 1.0
+SWEEP_SHAPES = [(4096, 14336), (14336, 4096), (8192, 28672)]
 L2_MB = {"H200": 60, "H100": 50, "GH200": 60, "A100": 40, "A10": 6, "L40": 96, "L4": 48, "4090": 72,
          "4080": 64, "3090": 6, "MI300": 256, "MI250": 16, "MI210": 16}
 
@@ -54,7 +60,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def time_ours(ctx, mats, batch, trials):
+def time_ours(ctx, mats, batch, trials, warm_s=None):
     preps = [m._prepare(batch) for m in mats]
     for m in mats:
         m._write_x(np.ones((batch, m.shape[1]), np.float32))
@@ -64,8 +70,17 @@ def time_ours(ctx, mats, batch, trials):
             m._dispatch(cpass, batch, pr)
 
     reps = gb.pick_reps(ctx, record)
-    times, src = gb.time_dispatches(ctx, record, reps, trials)
+    times, src = gb.time_dispatches(ctx, record, reps, trials, warmup_s=WARM_S if warm_s is None else warm_s)
     return gb.summarize([t / len(mats) for t in times]), src
+
+
+def dispatch_floor(ctx, rng, trials) -> float:
+    """Seconds per dispatch of our kernel on a 5x64 matrix (one workgroup), 16 rotating: what
+    every product pays whatever its size (launch, barrier between dependent dispatches, tail)."""
+    mats = [gpu.upload(_synth.random_packed(rng, 5, 64, block_size=64, plane2=0.0, predators=0.0))
+            for _ in range(16)]
+    s, _ = time_ours(ctx, mats, 1, trials)
+    return s["median_s"]
 
 
 def time_dense(ctx, dens, batch, trials):
@@ -79,7 +94,7 @@ def time_dense(ctx, dens, batch, trials):
             d.dispatch(cpass, batch, pr)
 
     reps = gb.pick_reps(ctx, record)
-    times, _ = gb.time_dispatches(ctx, record, reps, trials)
+    times, _ = gb.time_dispatches(ctx, record, reps, trials, warmup_s=WARM_S)
     return gb.summarize([t / len(dens) for t in times])
 
 
@@ -154,6 +169,8 @@ def main(argv=None) -> int:
         f"timestamps {'yes' if ctx.timestamps else 'no (wall clock)'}, L2 taken as {l2 >> 20} MiB")
     copy = gb.copy_bandwidth(ctx, min(max(3 * l2, 256 << 20), ctx.max_binding), trials=trials)
     log(f"copy kernel: {copy['gbps']:.1f} GB/s (counting bytes read + written: {copy['bytes'] >> 20} MiB per copy)")
+    copy["floor_us"] = dispatch_floor(ctx, rng, trials) * 1e6
+    log(f"per-dispatch floor (5x64 matrix): {copy['floor_us']:.2f} us")
 
     rows = []
     sweep_mats = {}
@@ -177,8 +194,9 @@ def main(argv=None) -> int:
                 del w16
         log(f"{n}x{k}: {len(mats)} packed matrices of {mats[0].nbytes / 2**20:.1f} MiB ({bpw:.2f} bits/weight), "
             f"{len(dens)} dense of {n * k * 2 / 2**20:.0f} MiB, made in {time.perf_counter() - t0:.1f} s")
-        for b in batches:
-            cold, src = time_ours(ctx, mats, b, trials)
+        for i, b in enumerate(batches):
+            # the first measurement after uploading a shape's matrices gets SETTLE_S of untimed work
+            cold, src = time_ours(ctx, mats, b, trials, warm_s=SETTLE_S if i == 0 else None)
             hot, _ = time_ours(ctx, mats[:1], b, trials)
             row = {"shape": f"{n}x{k}", "batch": b, "bits_per_weight": bpw, "packed_bytes": mats[0].nbytes,
                    "matrices": len(mats), "timer": src,
@@ -202,7 +220,7 @@ def main(argv=None) -> int:
             sweep_mats[shape] = mats
         del mats, dens
 
-    result = {"adapter": info, "copy_gbps": copy["gbps"], "l2_mb": l2 >> 20, "rows": rows, "sweep": [],
+    result = {"adapter": info, "copy_gbps": copy["gbps"], "dispatch_floor_us": copy["floor_us"], "l2_mb": l2 >> 20, "rows": rows, "sweep": [],
               "seconds": time.perf_counter() - t_start}
 
     def emit() -> None:
@@ -257,7 +275,8 @@ def sweep(args, ctx, rng, l2, cap, trials, sweep_mats, result, emit) -> None:
 
 def print_table(info, copy, l2, rows) -> None:
     print(f"\n{info['device']} via {info['backend']}, kernel {info['kernel_variant']}, timer {rows[0]['timer'] if rows else '-'}; "
-          f"copy bandwidth {copy['gbps']:.1f} GB/s (read + write); cold = rotating over > 3x L2 ({l2 >> 20} MiB)")
+          f"copy bandwidth {copy['gbps']:.1f} GB/s (read + write); cold = rotating over > 3x L2 ({l2 >> 20} MiB); "
+          f"per-dispatch floor {copy['floor_us']:.2f} us (5x64 matrix)")
     head = ["shape", "B", "bits/w", "ours us", "spread", "GB/s", "% copy", "hot GB/s", "dense f16 us", "x dense"]
     has_torch = any("torch_us" in r for r in rows)
     if has_torch:

@@ -456,9 +456,9 @@ class GpuMatrix:
             slices, gpw = -(-batch // nb), 1
             # one workgroup per row group: enough threads per group to keep many loads in
             # flight, each still with >= 2 chunks of 16 columns (see the bench sweep)
-            # H100 sweep (docs/device/h100_bench_2026-11-27.txt): K=4096 best at 64, K=14336 at
-            # 128 (256 was 7% slower); wider K is assumed to behave like 14336.
-            wg = 32 if kp16 <= 64 else 64 if kp16 <= 256 else 128
+            # H100 sweeps (docs/device/): K=4096 best at 64, K=14336 at 128 (256 4-7% slower),
+            # K=28672 at 256 (128 6% slower)
+            wg = 32 if kp16 <= 64 else 64 if kp16 <= 256 else 128 if kp16 <= 1024 else 256
         else:
             nb = min(batch, _MAX_NB)
             slices = -(-batch // nb)
