@@ -93,11 +93,12 @@ b = load("bench.json")
 if b:
     print(f"bench on {b['adapter']['device']} via {b['adapter']['backend']} ({b['adapter']['kernel_variant']}), "
           f"copy {b['copy_gbps']:.4g} GB/s, per-dispatch floor {b.get('dispatch_floor_us', float('nan')):.2f} us, L2 {b['l2_mb']} MiB:")
-    print(f"  {'shape':>10} {'B':>2} {'ours us':>9} {'GB/s':>7} {'%copy':>6} {'x dense':>8} {'x torch':>8}")
+    print(f"  {'shape':>10} {'B':>2} {'ours us':>9} {'GB/s':>7} {'%copy':>6} {'copy@size us':>12} {'x dense':>8} {'x torch':>8}")
     for r in b["rows"]:
         xd = f"{r['speedup_vs_dense']:.2f}" if "speedup_vs_dense" in r else "-"
         xt = f"{r['speedup_vs_torch']:.2f}" if "speedup_vs_torch" in r else "-"
-        print(f"  {r['shape']:>10} {r['batch']:>2} {r['ours_us']:9.1f} {r['ours_gbps']:7.4g} {r['pct_of_copy']:5.0f}% {xd:>8} {xt:>8}")
+        print(f"  {r['shape']:>10} {r['batch']:>2} {r['ours_us']:9.1f} {r['ours_gbps']:7.4g} {r['pct_of_copy']:5.0f}% "
+              f"{r.get('copy_at_size_us', float('nan')):12.1f} {xd:>8} {xt:>8}")
     one = [r for r in b["rows"] if r["batch"] == 1]
     if one:
         pct = min(r["pct_of_copy"] for r in one)

@@ -83,6 +83,21 @@ def dispatch_floor(ctx, rng, trials) -> float:
     return s["median_s"]
 
 
+def time_copy_at(ctx, nbytes, l2, cap, trials) -> float:
+    """Seconds per dispatch of the copy kernel moving `nbytes` (reading and writing nbytes / 2),
+    rotating over buffers totalling > 3x L2: the copy kernel at our matrix's size, its fixed
+    per-dispatch cost included."""
+    cps = [gb.Copy(ctx, nbytes // 2) for _ in range(copies_for(nbytes, l2, cap))]
+
+    def record(cpass):
+        for c in cps:
+            c.dispatch(cpass)
+
+    reps = gb.pick_reps(ctx, record)
+    times, _ = gb.time_dispatches(ctx, record, reps, trials, warmup_s=WARM_S)
+    return gb.summarize([t / len(cps) for t in times])["median_s"]
+
+
 def time_dense(ctx, dens, batch, trials):
     preps = []
     for d in dens:
@@ -194,16 +209,20 @@ def main(argv=None) -> int:
                 del w16
         log(f"{n}x{k}: {len(mats)} packed matrices of {mats[0].nbytes / 2**20:.1f} MiB ({bpw:.2f} bits/weight), "
             f"{len(dens)} dense of {n * k * 2 / 2**20:.0f} MiB, made in {time.perf_counter() - t0:.1f} s")
+        copy_at_us = None
         for i, b in enumerate(batches):
             # the first measurement after uploading a shape's matrices gets SETTLE_S of untimed work
             cold, src = time_ours(ctx, mats, b, trials, warm_s=SETTLE_S if i == 0 else None)
             hot, _ = time_ours(ctx, mats[:1], b, trials)
+            if copy_at_us is None:
+                copy_at_us = time_copy_at(ctx, mats[0].nbytes, l2, cap, trials) * 1e6
             row = {"shape": f"{n}x{k}", "batch": b, "bits_per_weight": bpw, "packed_bytes": mats[0].nbytes,
                    "matrices": len(mats), "timer": src,
                    "ours_us": cold["median_s"] * 1e6, "ours_spread_pct": cold["spread_pct"],
                    "ours_gbps": mats[0].nbytes / cold["median_s"] / 1e9,
                    "ours_hot_gbps": mats[0].nbytes / hot["median_s"] / 1e9}
             row["pct_of_copy"] = 100 * row["ours_gbps"] / copy["gbps"]
+            row["copy_at_size_us"] = copy_at_us
             if dens:
                 d = time_dense(ctx, dens, b, trials)
                 row.update(dense_us=d["median_s"] * 1e6, dense_gbps=n * k * 2 / d["median_s"] / 1e9,
@@ -276,8 +295,10 @@ def sweep(args, ctx, rng, l2, cap, trials, sweep_mats, result, emit) -> None:
 def print_table(info, copy, l2, rows) -> None:
     print(f"\n{info['device']} via {info['backend']}, kernel {info['kernel_variant']}, timer {rows[0]['timer'] if rows else '-'}; "
           f"copy bandwidth {copy['gbps']:.1f} GB/s (read + write); cold = rotating over > 3x L2 ({l2 >> 20} MiB); "
-          f"per-dispatch floor {copy['floor_us']:.2f} us (5x64 matrix)")
-    head = ["shape", "B", "bits/w", "ours us", "spread", "GB/s", "% copy", "hot GB/s", "dense f16 us", "x dense"]
+          f"per-dispatch floor {copy['floor_us']:.2f} us (5x64 matrix); copy@size = the copy kernel moving the "
+          f"packed bytes (reading and writing half each), cold")
+    head = ["shape", "B", "bits/w", "ours us", "spread", "GB/s", "% copy", "hot GB/s", "copy@size us",
+            "dense f16 us", "x dense"]
     has_torch = any("torch_us" in r for r in rows)
     if has_torch:
         head += ["torch us", "x torch"]
@@ -285,7 +306,7 @@ def print_table(info, copy, l2, rows) -> None:
     for r in rows:
         line = [r["shape"], str(r["batch"]), f"{r['bits_per_weight']:.2f}", f"{r['ours_us']:.1f}",
                 f"{r['ours_spread_pct']:.0f}%", f"{r['ours_gbps']:.3g}", f"{r['pct_of_copy']:.0f}%",
-                f"{r['ours_hot_gbps']:.3g}",
+                f"{r['ours_hot_gbps']:.3g}", f"{r['copy_at_size_us']:.1f}",
                 f"{r['dense_us']:.1f}" if "dense_us" in r else "-",
                 f"{r['speedup_vs_dense']:.2f}" if "dense_us" in r else "-"]
         if has_torch:
