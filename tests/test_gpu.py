@@ -332,6 +332,27 @@ def test_dense_f16_baseline_is_right(gpu, rng):
         assert rel_err(d.matmul(x), ref) <= TOL, f"batch {b} (seed {seed})"
 
 
+def test_timer_keeps_submitting_untimed_work_for_warmup_s(gpu):
+    import time
+
+    from predprey_rs import _gpubench
+
+    ctx = gpu._context()
+    calls = []
+
+    def record(cpass):
+        calls.append(1)  # one call per submit (reps = 1); an empty pass is a valid submit
+
+    times, src = _gpubench.time_dispatches(ctx, record, 1, trials=2, warmup=1)
+    assert len(times) == 2 and len(calls) == 3 and src in ("timestamp", "wall")
+    calls.clear()
+    t0 = time.perf_counter()
+    times, _ = _gpubench.time_dispatches(ctx, record, 1, trials=2, warmup=1, warmup_s=0.3)
+    assert len(times) == 2
+    assert time.perf_counter() - t0 >= 0.3
+    assert len(calls) > 3
+
+
 def test_gpu_check_without_a_matching_adapter_fails(gpu, capsys):
     from predprey_rs import cli
 

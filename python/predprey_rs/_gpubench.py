@@ -27,9 +27,9 @@ def time_dispatches(ctx, record: Callable[[Any], None], reps: int, trials: int =
     """Seconds per call of `record(compute_pass)`: each trial is one submit with `reps` calls
     inside one compute pass, timed by timestamp queries at the pass's ends (wall clock around
     submit-to-completion where the adapter has none). Untimed submits first: at least `warmup`,
-    and for at least `warmup_s` seconds (a GPU left idle while the host made matrices runs its
-    first tens of milliseconds slowly). Returns (per-call seconds of each trial, "timestamp" or
-    "wall")."""
+    and for at least `warmup_s` seconds (on an H100 the first timed block after the host spent
+    seconds making and uploading matrices came out up to 5x slow; bench/gpu_matvec.py).
+    Returns (per-call seconds of each trial, "timestamp" or "wall")."""
     wgpu = _gpu._wgpu()
     dev = ctx.device
     qs = resolve = readback = None
