@@ -60,18 +60,27 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def time_ours(ctx, mats, batch, trials, warm_s=None):
-    preps = [m._prepare(batch) for m in mats]
-    for m in mats:
-        m._write_x(np.ones((batch, m.shape[1]), np.float32))
+def time_rotation(ctx, calls, trials, warm_s=None):
+    """Per-call summary of recording `calls` (each `call(compute_pass)` one product) one after
+    another, many rounds per submit (gb.time_dispatches), WARM_S of untimed work first unless
+    `warm_s` says otherwise. Returns (summary, timer source)."""
 
     def record(cpass):
-        for m, pr in zip(mats, preps):
-            m._dispatch(cpass, batch, pr)
+        for call in calls:
+            call(cpass)
 
     reps = gb.pick_reps(ctx, record)
     times, src = gb.time_dispatches(ctx, record, reps, trials, warmup_s=WARM_S if warm_s is None else warm_s)
-    return gb.summarize([t / len(mats) for t in times]), src
+    return gb.summarize([t / len(calls) for t in times]), src
+
+
+def time_ours(ctx, mats, batch, trials, warm_s=None):
+    calls = []
+    for m in mats:
+        pr = m._prepare(batch)
+        m._write_x(np.ones((batch, m.shape[1]), np.float32))
+        calls.append(lambda cpass, m=m, pr=pr: m._dispatch(cpass, batch, pr))
+    return time_rotation(ctx, calls, trials, warm_s)
 
 
 def dispatch_floor(ctx, rng, trials) -> float:
@@ -88,29 +97,16 @@ def time_copy_at(ctx, nbytes, l2, cap, trials) -> float:
     rotating over buffers totalling > 3x L2: the copy kernel at our matrix's size, its fixed
     per-dispatch cost included."""
     cps = [gb.Copy(ctx, nbytes // 2) for _ in range(copies_for(nbytes, l2, cap))]
-
-    def record(cpass):
-        for c in cps:
-            c.dispatch(cpass)
-
-    reps = gb.pick_reps(ctx, record)
-    times, _ = gb.time_dispatches(ctx, record, reps, trials, warmup_s=WARM_S)
-    return gb.summarize([t / len(cps) for t in times])["median_s"]
+    return time_rotation(ctx, [c.dispatch for c in cps], trials)[0]["median_s"]
 
 
 def time_dense(ctx, dens, batch, trials):
-    preps = []
+    calls = []
     for d in dens:
-        preps.append(d.prepare(batch))
+        pr = d.prepare(batch)
         d.write_x(np.ones((batch, d.shape[1]), np.float32))
-
-    def record(cpass):
-        for d, pr in zip(dens, preps):
-            d.dispatch(cpass, batch, pr)
-
-    reps = gb.pick_reps(ctx, record)
-    times, _ = gb.time_dispatches(ctx, record, reps, trials, warmup_s=WARM_S)
-    return gb.summarize([t / len(dens) for t in times])
+        calls.append(lambda cpass, d=d, pr=pr: d.dispatch(cpass, batch, pr))
+    return time_rotation(ctx, calls, trials)[0]
 
 
 def time_torch(shape, batch, copies, trials):

@@ -40,11 +40,11 @@ def time_dispatches(ctx, record: Callable[[Any], None], reps: int, trials: int =
     else:
         readback = dev.create_buffer(size=16, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
         dummy = dev.create_buffer(size=16, usage=wgpu.BufferUsage.COPY_SRC)
-    out: list[float] = []
     source = "timestamp" if qs is not None else "wall"
-    warm_until = time.perf_counter() + warmup_s
-    t = 0
-    while t < warmup + trials:
+
+    def submit() -> float:
+        """One submit of `reps` calls; its seconds."""
+        nonlocal source
         enc = dev.create_command_encoder()
         if qs is not None:
             cpass = enc.begin_compute_pass(timestamp_writes={
@@ -63,21 +63,22 @@ def time_dispatches(ctx, record: Callable[[Any], None], reps: int, trials: int =
         dev.queue.submit([enc.finish()])
         raw = ctx.map_read(readback, 16)  # waits for the submit to finish
         wall = time.perf_counter() - t0
-        if qs is not None:
-            a, b = np.frombuffer(raw, dtype=np.uint64)[:2]
-            ts = (int(b) - int(a)) * 1e-9  # WebGPU timestamps are nanoseconds
-            # a timestamp span longer than the wall clock, or 0, is not a reading: use the wall
-            if 0 < ts <= wall * 1.05:
-                sec = ts
-            else:
-                sec, source = wall, "wall"
-        else:
-            sec = wall
-        if t >= warmup:
-            out.append(sec / reps)
-        elif t == warmup - 1 and time.perf_counter() < warm_until:
-            continue  # one more untimed submit
-        t += 1
+        if qs is None:
+            return wall
+        a, b = np.frombuffer(raw, dtype=np.uint64)[:2]
+        ts = (int(b) - int(a)) * 1e-9  # WebGPU timestamps are nanoseconds
+        # a timestamp span longer than the wall clock, or 0, is not a reading: use the wall
+        if 0 < ts <= wall * 1.05:
+            return ts
+        source = "wall"
+        return wall
+
+    warm_until = time.perf_counter() + warmup_s
+    for _ in range(warmup):
+        submit()
+    while time.perf_counter() < warm_until:
+        submit()
+    out = [submit() / reps for _ in range(trials)]
     return out, source
 
 
