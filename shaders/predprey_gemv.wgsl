@@ -1,28 +1,31 @@
 // predprey_gemv.wgsl: y = W x (batch 1) and Y = X W^T (batch NB <= 8 per slice, more slices via
-// the z grid) computed straight from the packed format v1 (FORMAT.md). Plane 1, plane 2 and
+// the z grid) computed straight from the packed format v2 (FORMAT.md). Plane 1, plane 2 and
 // the FP16 predators are summed in the same dispatch; each output is written once, no atomics.
+// A block scale is its 8-bit code times the row's unit row_scales[r] / 256 (both planes).
 //
 // Load together with exactly one of reduce_subgroup.wgsl / reduce_workgroup.wgsl (appended
 // after this file); it provides `fn reduce_acc(lid: u32, n: u32)` and `red`.
 //
 // Buffer layout. All little-endian. Arrays of u8 / u16 / f16 are read as u32 words: element i
-// of a u16 or f16 array is the low half of word i/2 when i is even, the high half when odd; a
-// byte array is read 16 bytes at a time as vec4<u32>. Every buffer is zero-padded to a
+// of a u16 or f16 array is the low half of word i/2 when i is even, the high half when odd;
+// element i of a u8 array is byte i % 4 (bits 8 (i % 4) ..) of word i / 4; the code arrays are
+// read 16 bytes at a time as vec4<u32>. Every buffer is zero-padded to a
 // multiple of 16 bytes. A large matrix is split into chunks of whole row groups, each with its
 // own buffers and Params (row0 = its first row); the arrays below are those of one chunk.
 //   @binding(0) P        uniform Params (below).
 //   @binding(1) x        f32 [S*NB, Kp] as vec4<f32>: input rows, zero past column K.
 //   @binding(2) y        f32 [S*NB, P.y_stride]: outputs; this chunk writes row0 .. row0+rows.
 //   @binding(3) codes    u8  [G, Kp]   plane-1 codes, base 3 over the 5 rows of a group.
-//   @binding(4) scales   f16 [N, nb]   plane-1 block scales.
+//   @binding(4) scales   u8  [N, nb]   plane-1 block-scale codes.
 //   @binding(5) p2codes  u8  [E, B]    plane-2 codes of each entry.
 //   @binding(6) meta     u32 words, sections at word offsets:
 //                          0                 p2_ptr    u32 [G + 1], rebased to the chunk
 //                          P.off_p2_block    p2_block  u16 [E]
-//                          P.off_p2_scales   p2_scales f16 [E, 5]
+//                          P.off_p2_scales   p2_scales u8 [E, 5]  plane-2 block-scale codes
 //                          P.off_out_ptr     out_ptr   u32 [N + 1], rebased to the chunk
 //                          P.off_out_cols    out_cols  u16 [M] if P.cols_u16 == 1 else u32 [M]
 //                          P.off_out_vals    out_vals  f16 [M]
+//                          P.off_row_scales  row_scales f16 [N]
 // (G, N, E, M: the chunk's groups, rows, plane-2 entries and predators; Kp = nb * B.)
 //
 // Decoding. A code byte v holds the balanced-ternary number v - 121 = sum_i t_i 3^i (t_i is the
@@ -53,7 +56,7 @@ struct Params {
     off_out_vals: u32,
     magic_a: f32,       // 12582912.0 (1.5 * 2^23)
     magic_b: f32,       // 12582912.0, a separate field on purpose (see above)
-    _pad0: u32,
+    off_row_scales: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -90,6 +93,15 @@ fn f16_at(off: u32, i: u32) -> f32 {
 
 fn u16_at(off: u32, i: u32) -> u32 {
     return (aux[off + (i >> 1u)] >> ((i & 1u) * 16u)) & 0xFFFFu;
+}
+
+fn u8_at(off: u32, i: u32) -> f32 {
+    return f32((aux[off + (i >> 2u)] >> ((i & 3u) * 8u)) & 0xFFu);
+}
+
+// the unit of row r's 8-bit scale codes: row_scales[r] / 256 (exact)
+fn row_unit(r: u32) -> f32 {
+    return f16_at(P.off_row_scales, r) * (1.0 / 256.0);
 }
 
 fn x_at(i: u32) -> f32 {
@@ -193,7 +205,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             for (var i = 0u; i < ROWS; i++) {
                 let r = (g0 + j) * ROWS + i;
                 let k = min(r, P.rows - 1u) * P.nb + blk;
-                sc[i] = select(0.0, unpack2x16float(scales[k >> 1u])[k & 1u], r < P.rows);
+                let q = f32((scales[k >> 2u] >> ((k & 3u) * 8u)) & 0xFFu);
+                sc[i] = select(0.0, q * row_unit(min(r, P.rows - 1u)), r < P.rows);
             }
             combine(&s, j * ROWS * NB, j, sc);
         }
@@ -222,7 +235,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 }
                 var sc: array<f32, 5>;
                 for (var i = 0u; i < ROWS; i++) {
-                    sc[i] = f16_at(P.off_p2_scales, e * ROWS + i);
+                    // padding rows have code 0
+                    sc[i] = u8_at(P.off_p2_scales, e * ROWS + i) * row_unit(min(g * ROWS + i, P.rows - 1u));
                 }
                 combine(&s, 0u, j, sc);
             }

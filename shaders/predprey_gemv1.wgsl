@@ -1,5 +1,5 @@
 // predprey_gemv1.wgsl: the fast kernel, y = W x (and Y = X W^T for small batches) straight from
-// the packed format v1 (FORMAT.md). Same bindings, Params and decode
+// the packed format v2 (FORMAT.md). Same bindings, Params and decode
 // identity as predprey_gemv.wgsl (its header explains both); this file differs in how work is
 // laid out, for throughput on real GPUs:
 //   * no private array is indexed inside a loop: the five rows of the group are five scalar
@@ -23,10 +23,12 @@
 //   @binding(1) x        f32 [S*NB, Kp] as vec4<f32>: input rows, zero past column K.
 //   @binding(2) y        f32 [S*NB, P.y_stride]: outputs; this chunk writes row0 .. row0+rows.
 //   @binding(3) codes    u8  [G, Kp]   plane-1 codes, base 3 over the 5 rows of a group.
-//   @binding(4) scales   f16 [N, nb]   plane-1 block scales.
+//   @binding(4) scales   u8  [N, nb]   plane-1 block-scale codes (times the row unit, below).
 //   @binding(5) p2codes  u8  [E, B]    plane-2 codes of each entry.
-//   @binding(6) aux      u32 words: p2_ptr, p2_block, p2_scales, out_ptr, out_cols, out_vals at
-//                        the word offsets of Params (see predprey_gemv.wgsl).
+//   @binding(6) aux      u32 words: p2_ptr, p2_block, p2_scales, out_ptr, out_cols, out_vals,
+//                        row_scales at the word offsets of Params (see predprey_gemv.wgsl).
+// Scales: the five rows' units row_scales[r] / 256 are read once per workgroup (private `ru`);
+// a block scale is its 8-bit code times its row's unit.
 
 struct Params {
     rows: u32,
@@ -46,7 +48,7 @@ struct Params {
     off_out_vals: u32,
     magic_a: f32,
     magic_b: f32,
-    _pad0: u32,
+    off_row_scales: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -71,6 +73,7 @@ const INV81: f32 = 1.0 / 81.0;
 var<private> acc: array<f32, ACC_N>;   // only filled (constant indices) for the reduction: [i * 4 + b]
 var<private> mag_a: f32;
 var<private> mag_b: f32;
+var<private> ru: Acc5;   // units of the scale codes of the group's five rows
 
 struct Acc5 {
     a0: f32,
@@ -124,9 +127,28 @@ fn f16_at(off: u32, i: u32) -> f32 {
     return select(h.x, h.y, (i & 1u) == 1u);
 }
 
-fn scale_at(k: u32) -> f32 {
-    let h = unpack2x16float(scales[k >> 1u]);
-    return select(h.x, h.y, (k & 1u) == 1u);
+fn code_at(k: u32) -> f32 {
+    return f32((scales[k >> 2u] >> ((k & 3u) * 8u)) & 0xFFu);
+}
+
+fn u8_at(off: u32, i: u32) -> f32 {
+    return f32((aux[off + (i >> 2u)] >> ((i & 3u) * 8u)) & 0xFFu);
+}
+
+// ru for the group whose first row is rb (rows clamped to the chunk)
+fn units5(rb: u32) -> Acc5 {
+    let last = P.rows - 1u;
+    let o = P.off_row_scales;
+    let k = 1.0 / 256.0;
+    return Acc5(f16_at(o, min(rb, last)) * k, f16_at(o, min(rb + 1u, last)) * k, f16_at(o, min(rb + 2u, last)) * k,
+                f16_at(o, min(rb + 3u, last)) * k, f16_at(o, min(rb + 4u, last)) * k);
+}
+
+// plane-2 scales of entry e's five rows (padding rows have code 0)
+fn p2scales5(e: u32) -> Acc5 {
+    let so = P.off_p2_scales;
+    return Acc5(u8_at(so, e * 5u) * ru.a0, u8_at(so, e * 5u + 1u) * ru.a1, u8_at(so, e * 5u + 2u) * ru.a2,
+                u8_at(so, e * 5u + 3u) * ru.a3, u8_at(so, e * 5u + 4u) * ru.a4);
 }
 
 fn u16_at(off: u32, i: u32) -> u32 {
@@ -137,9 +159,9 @@ fn u16_at(off: u32, i: u32) -> u32 {
 fn scales5(rb: u32, blk: u32) -> Acc5 {
     let last = P.rows - 1u;
     let nb = P.nb;
-    return Acc5(scale_at(min(rb, last) * nb + blk), scale_at(min(rb + 1u, last) * nb + blk),
-                scale_at(min(rb + 2u, last) * nb + blk), scale_at(min(rb + 3u, last) * nb + blk),
-                scale_at(min(rb + 4u, last) * nb + blk));
+    return Acc5(code_at(min(rb, last) * nb + blk) * ru.a0, code_at(min(rb + 1u, last) * nb + blk) * ru.a1,
+                code_at(min(rb + 2u, last) * nb + blk) * ru.a2, code_at(min(rb + 3u, last) * nb + blk) * ru.a3,
+                code_at(min(rb + 4u, last) * nb + blk) * ru.a4);
 }
 
 @compute @workgroup_size(WG)
@@ -150,6 +172,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     mag_a = P.magic_a;
     mag_b = P.magic_b;
+    ru = units5(g * 5u);
     let xrow = wg.z * P.x_stride4;   // this z slice's x row, in vec4
     let rb = g * 5u;
     let kp16 = P.kp16;
@@ -209,9 +232,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let q = p2codes[(e << sh4) + c];
             let xb = xrow + (blk << (P.log2_b - 2u)) + c * 4u;
             let s = chunk16(q, x[xb], x[xb + 1u], x[xb + 2u], x[xb + 3u]);
-            let so = P.off_p2_scales;
-            a = combine(a, s, f16_at(so, e * 5u), f16_at(so, e * 5u + 1u), f16_at(so, e * 5u + 2u),
-                        f16_at(so, e * 5u + 3u), f16_at(so, e * 5u + 4u));
+            let s2 = p2scales5(e);
+            a = combine(a, s, s2.a0, s2.a1, s2.a2, s2.a3, s2.a4);
         } else {
             let m = m0 + (t - n2);
             var col: u32;
@@ -317,6 +339,7 @@ fn main4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
     }
     mag_a = P.magic_a;
     mag_b = P.magic_b;
+    ru = units5(g * 5u);
     let xrow = wg.z * 4u * P.x_stride4;   // batch row 0 of this z slice, in vec4
     let rb = g * 5u;
     let kp16 = P.kp16;
@@ -350,9 +373,8 @@ fn main4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
             let blk = u16_at(P.off_p2_block, e);
             let q = p2codes[(e << sh4) + c];
             let s = chunk16v(q, xrow + (blk << (P.log2_b - 2u)) + c * 4u);
-            let so = P.off_p2_scales;
-            a = combinev(a, s, f16_at(so, e * 5u), f16_at(so, e * 5u + 1u), f16_at(so, e * 5u + 2u),
-                         f16_at(so, e * 5u + 3u), f16_at(so, e * 5u + 4u));
+            let s2 = p2scales5(e);
+            a = combinev(a, s, s2.a0, s2.a1, s2.a2, s2.a3, s2.a4);
         } else {
             let m = m0 + (t - n2);
             var col: u32;

@@ -18,8 +18,11 @@ def mock_compress(weight, bits=3.0, block_size=64, importance=None):
     wp = np.zeros((5 * g, kp), np.float32)
     wp[:n, :k] = w
     blocks = wp[:n].reshape(n, nb, b)
-    scales = np.abs(blocks).mean(axis=2).astype(np.float16)
-    s32 = np.repeat(scales.astype(np.float32), b, axis=1)
+    mean = np.abs(blocks).mean(axis=2)
+    unit = (mean.max(axis=1) / 255 * 256).astype(np.float16)  # FORMAT.md: scale = code * unit / 256
+    u = np.where(unit > 0, unit.astype(np.float32), 1.0)[:, None] / 256
+    scales = np.clip(np.round(mean / u), 0, 255).astype(np.uint8)
+    s32 = np.repeat(scales.astype(np.float32) * u, b, axis=1)
     t = np.zeros((5 * g, kp), np.int8)
     t[:n] = np.where(np.abs(wp[:n]) > 0.5 * s32, np.sign(wp[:n]), 0).astype(np.int8)
     t[:, k:] = 0
@@ -28,15 +31,16 @@ def mock_compress(weight, bits=3.0, block_size=64, importance=None):
     arrays = {
         "codes": codes,
         "scales": scales,
+        "row_scales": unit,
         "p2_ptr": np.zeros(g + 1, np.uint32),
         "p2_block": np.zeros(0, np.uint16),
-        "p2_scales": np.zeros((0, 5), np.float16),
+        "p2_scales": np.zeros((0, 5), np.uint8),
         "p2_codes": np.zeros((0, b), np.uint8),
         "out_ptr": np.zeros(n + 1, np.uint32),
         "out_cols": np.zeros(0, np.uint16 if k <= 65536 else np.uint32),
         "out_vals": np.zeros(0, np.float16),
     }
-    meta = {"format": "predprey", "format_version": "1", "rows": str(n), "cols": str(k), "block_size": str(b)}
+    meta = {"format": "predprey", "format_version": "2", "rows": str(n), "cols": str(k), "block_size": str(b)}
     return pp.from_arrays(meta, arrays)
 
 

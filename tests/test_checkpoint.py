@@ -21,7 +21,7 @@ from _ckpt_helpers import minilm_dir, mock_compress, write_safetensors
 
 
 def _same_packed(a, b):
-    """Same matrix: metadata and all nine arrays equal (to_bytes() is not byte-stable: the
+    """Same matrix: metadata and all ten arrays equal (to_bytes() is not byte-stable: the
     header's key order may differ)."""
     if a.metadata() != b.metadata():
         return False
@@ -213,7 +213,7 @@ def test_shards_and_index(tmp_path, mock_quant):
             assert _same_packed(a[k], b[k])
         else:
             assert a[k].tobytes() == b[k].tobytes()
-    # a packed weight's nine arrays stay in one shard
+    # a packed weight's ten arrays stay in one shard
     wm = index["weight_map"]
     for k, v in a.items():
         if isinstance(v, pp.PackedMatrix):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,8 @@ def test_compress_table_and_totals(capsys, tmp_path):
     assert code == 0
     lines = stdout.splitlines()
     q = [ln for ln in lines if ln.startswith("encoder.layer.0.attention.self.query.weight ")]
-    assert len(q) == 1 and "384x384" in q[0] and "F32 -> 2.5" in q[0] and "MiB" in q[0] and "err 0." in q[0]
+    assert len(q) == 1 and "384x384" in q[0] and "MiB" in q[0] and "err 0." in q[0]
+    assert re.search(r"F32 -> 2\.(4[5-9]|50) bits", q[0]), q[0]  # at or just under the budget
     assert any(ln.startswith("embeddings.word_embeddings.weight") and "kept" in ln for ln in lines)
     total = [ln for ln in lines if ln.startswith("total: ")]
     assert len(total) == 1 and "104 tensors (37 packed, 67 kept)" in total[0] and "ratio" in total[0]

@@ -159,7 +159,7 @@ def test_random_small_matrices(gpu, rows, cols, block, plane2, pred, batch, seed
 
 def _with_codes(p, plane1: int | None = None, scale: float | None = None):
     """The same matrix with every real plane-1 code byte set to `plane1` (groups without
-    padding rows; predators removed) and/or every plane-1 scale set to `scale`."""
+    padding rows; predators removed) and/or every plane-1 scale set to about `scale` (code 255 under row scale `scale`)."""
     a = {k: v.copy() for k, v in p.arrays().items()}
     n, k = p.shape
     if plane1 is not None:
@@ -169,7 +169,8 @@ def _with_codes(p, plane1: int | None = None, scale: float | None = None):
         a["out_cols"] = a["out_cols"][:0]
         a["out_vals"] = a["out_vals"][:0]
     if scale is not None:
-        a["scales"][:] = scale
+        a["scales"][:] = 255
+        a["row_scales"][:] = scale
     return pp.from_arrays(p.metadata(), a)
 
 

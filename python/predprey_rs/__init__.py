@@ -1,6 +1,7 @@
 """predprey_rs: Predator-Prey weight compression and reconstruction kernels.
 
-Weights become one or two ternary planes {-1, 0, +1} times per-block FP16 scales, plus a sparse
+Weights become one or two ternary planes {-1, 0, +1} times per-block 8-bit scales (under one
+FP16 scale per row), plus a sparse
 set of exact FP16 "predators"; ``matvec`` / ``matmul`` compute ``W x`` straight from the packed
 bytes (Rust on the CPU, WGSL through wgpu on GPUs). The layout is specified in FORMAT.md.
 """

@@ -54,7 +54,7 @@ ROWS_PER_GROUP: Final[int]
 BLOCK_SIZES: Final[list[int]]
 """Allowed block sizes B along K, in weights: [32, 64, 128, 256]."""
 TENSOR_NAMES: Final[list[str]]
-"""The nine stored arrays, in file order: codes, scales, p2_ptr, p2_block, p2_scales,
+"""The ten stored arrays, in file order: codes, scales, p2_ptr, p2_block, p2_scales,
 p2_codes, out_ptr, out_cols, out_vals."""
 MAX_K_U16_COLS: Final[int]
 """Largest K whose predator columns are stored as u16 (65536); above it they are u32."""
@@ -89,7 +89,7 @@ class PackedMatrix:
         """8 * nbytes / (N * K): every stored byte counted."""
     @property
     def nbytes(self) -> int:
-        """Bytes of all nine stored arrays (the file body without its header)."""
+        """Bytes of all ten stored arrays (the file body without its header)."""
     @property
     def n_outliers(self) -> int:
         """Number of predators (weights kept exactly in FP16)."""
@@ -113,7 +113,7 @@ class PackedMatrix:
         """The safetensors ``__metadata__`` strings: format, format_version, rows, cols,
         block_size."""
     def arrays(self) -> dict[str, np.ndarray]:
-        """The nine stored arrays by name as numpy copies (uint8/uint16/uint32/float16,
+        """The ten stored arrays by name as numpy copies (uint8/uint16/uint32/float16,
         shapes as in FORMAT.md)."""
 
 def compress(
@@ -261,13 +261,15 @@ class _Parts(TypedDict):
     t2: npt.NDArray[np.int8]
     """Plane-2 codes, [N, K] (0 outside plane-2 cells)."""
     s1: npt.NDArray[np.float32]
-    """Plane-1 scales, [N, nb] (FP16 values)."""
+    """Plane-1 scales, [N, nb] (each ``row_scales[r] * code / 256`` for an 8-bit code)."""
     s2: npt.NDArray[np.float32]
     """Plane-2 scales, [N, nb] (0 outside plane-2 cells)."""
     p2: npt.NDArray[np.bool_]
     """Which (row group of 5, block) cells carry plane 2, [G, nb]."""
     pred: npt.NDArray[np.float32]
     """Predator values, [N, K]; NaN where there is no predator."""
+    row_scales: npt.NDArray[np.float32]
+    """FP16 row scales [N]: the unit of the row's 8-bit scale codes (FORMAT.md)."""
 
 def to_parts(p: PackedMatrix) -> _Parts:
     """The dense spelling of a matrix (inverse of ``from_parts``); see ``_Parts``."""
@@ -280,6 +282,11 @@ def from_parts(
     t2: npt.NDArray[np.int8],
     s2: npt.NDArray[np.float32],
     pred: npt.NDArray[np.float32],
+    row_scales: npt.NDArray[np.float32] | None = None,
 ) -> PackedMatrix:
     """Packs a dense spelling (C-contiguous arrays, shapes as in ``_Parts``) into a validated
-    PackedMatrix. Raises FormatError for anything FORMAT.md forbids."""
+    PackedMatrix. Scales become 8-bit codes under one FP16 row scale per row: ``row_scales[r]``
+    where given and every scale of the row fits under it, else one chosen for the row's
+    largest scale (so ``from_parts(**to_parts(m))`` gives ``m`` back, and new scales get the
+    finest grid). A negative scale is stored as its magnitude with its block's codes negated.
+    Raises FormatError for anything FORMAT.md forbids."""

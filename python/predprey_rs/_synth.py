@@ -40,7 +40,8 @@ def random_packed(
     """A random valid PackedMatrix of shape (rows, cols).
 
     ``plane2``: fraction of (group, block) cells with a plane-2 entry; ``predators``: fraction
-    of weights kept as FP16 predators. Scales are N(0, scale) in FP16 (a few exactly 0), predator
+    of weights kept as FP16 predators. Row scales are |N(0, 2 * scale)| in FP16, the 8-bit
+    scale codes uniform in 0..255 (a few exactly 0, so block scales are about ``scale``), predator
     values N(0, 20 * scale). Padding rows/columns hold code 0 and predators sit on code 0 in
     every plane, as validation requires.
     """
@@ -57,7 +58,8 @@ def random_packed(
         codes[g - 1] = _pad_group_bytes(rng, _R - pad, (kp,))
     codes[:, cols:] = _ZERO
 
-    scales = (rng.standard_normal((rows, nb)) * scale).astype(np.float16)
+    row_scales = np.abs(rng.standard_normal(rows) * 2 * scale).astype(np.float16)
+    scales = rng.integers(0, 256, size=(rows, nb), dtype=np.uint8)
     scales[rng.random((rows, nb)) < 0.02] = 0
 
     cell = rng.random((g, nb)) < plane2
@@ -66,7 +68,7 @@ def random_packed(
     p2_ptr = np.zeros(g + 1, dtype=np.uint32)
     np.cumsum(np.bincount(eg, minlength=g), out=p2_ptr[1:])
     p2_codes = rng.integers(0, 243, size=(e, b), dtype=np.uint8)
-    p2_scales = (rng.standard_normal((e, _R)) * scale).astype(np.float16)
+    p2_scales = rng.integers(0, 256, size=(e, _R), dtype=np.uint8)
     if pad:
         last = eg == g - 1
         p2_codes[last] = _pad_group_bytes(rng, _R - pad, (int(last.sum()), b))
@@ -111,6 +113,7 @@ def random_packed(
     arrays = {
         "codes": codes,
         "scales": scales,
+        "row_scales": row_scales,
         "p2_ptr": p2_ptr,
         "p2_block": eb.astype(np.uint16),
         "p2_scales": p2_scales,

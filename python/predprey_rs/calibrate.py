@@ -189,13 +189,13 @@ def layer_bits(model: Any, bits: float, type_offsets: Mapping[str, float] | None
     """Bits per layer (GGUF name -> bits) whose weight-weighted mean is ``bits``: each layer gets
     ``bits + type offset + block offset`` (``block_offsets``: block index -> offset, e.g. more
     bits for the first blocks), then every layer the same correction so the mean comes out right. No
-    layer goes below the floor 1.7 + 16 / block_size (a little above the fixed cost of plane 1,
-    codes + FP16 scales): those are held at the floor and the others pay."""
+    layer goes below the floor 1.7 + 8 / block_size (a little above the fixed cost of plane 1,
+    codes + 8-bit block scales): those are held at the floor and the others pay."""
     offs = dict(type_offsets or {})
     unknown = set(offs) - set(_ATTR.values())
     if unknown:
         raise ValueError(f"unknown layer types {sorted(unknown)}; expected some of {list(_ATTR.values())}")
-    floor = 1.7 + 16.0 / block_size
+    floor = 1.7 + 8.0 / block_size
     sizes, want = {}, {}
     for i, blk in enumerate(model.blocks):
         for attr, suf in _ATTR.items():
@@ -463,7 +463,8 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: float, block_size: i
     if act_order:
         inv = np.argsort(perm)
         t1, t2, pred = (np.ascontiguousarray(a[:, inv]) for a in (t1, t2, pred))
-    return _core.from_parts(block_size, t1, s1, p2, t2, s2, pred)
+    # fixed: the same scales, so the same row scales (8-bit grid); else the grid of the new fit
+    return _core.from_parts(block_size, t1, s1, p2, t2, s2, pred, parts["row_scales"] if fixed is not None else None)
 
 
 def refit_scales(packed: PackedMatrix, w: np.ndarray, hessian: np.ndarray, damp: float = 0.01,
@@ -474,8 +475,8 @@ def refit_scales(packed: PackedMatrix, w: np.ndarray, hessian: np.ndarray, damp:
     planes and blocks are the unknowns of one small least-squares problem: with T the codes
     placed in their columns, s = (T^T H T)^-1 T^T H (w - p). ``predators``: the row's predator
     values are unknowns of the same problem (columns e_c of T), instead of kept. A negative
-    solution flips that block's codes (scales stay >= 0); FP16 rounding applies. Size and
-    layout are unchanged."""
+    solution flips that block's codes (scales stay >= 0); the scales are then rounded to a new
+    8-bit grid per row (``from_parts``), predator values to FP16. Size and layout are unchanged."""
     from . import _core
 
     w = np.asarray(w, dtype=np.float64)
@@ -535,7 +536,7 @@ def refit_scales(packed: PackedMatrix, w: np.ndarray, hessian: np.ndarray, damp:
     gram[:, idx, idx] += np.where(empty, 1.0, 1e-9 * d)
     rhs[empty] = 0.0
     sol = np.linalg.solve(gram, rhs[..., None])[..., 0]
-    sol = np.clip(sol, -65504.0, 65504.0).astype(np.float16).astype(np.float32)
+    sol = np.clip(sol, -65504.0, 65504.0).astype(np.float32)
     s = sol[:, :m].reshape(n, 2, nb)
     if pm:
         pred = pred.copy()

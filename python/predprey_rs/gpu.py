@@ -328,7 +328,7 @@ class GpuMatrix:
         self._ctx = ctx
         self.shape: tuple[int, int] = tuple(p.shape)
         self.block_size: int = int(p.block_size)
-        self.nbytes: int = int(p.nbytes)  # packed bytes (all nine arrays), what a GEMV must read
+        self.nbytes: int = int(p.nbytes)  # packed bytes (all ten arrays), what a GEMV must read
         n, k = self.shape
         b = self.block_size
         self._nb = -(-k // b)
@@ -358,8 +358,8 @@ class GpuMatrix:
             r0, r1 = g0 * _R, min(g1 * _R, n)
             e = int(p2[g1] - p2[g0])
             m = int(op[r1] - op[r0])
-            meta = 4 * (g1 - g0 + 1) + 2 * e + 10 * e + 4 * (r1 - r0 + 1) + col_w * m + 2 * m + 64
-            return max((g1 - g0) * kp, (r1 - r0) * nb * 2, e * b, meta) + 16 <= lim
+            meta = 4 * (g1 - g0 + 1) + 2 * e + 5 * e + 4 * (r1 - r0 + 1) + col_w * m + 2 * m + 2 * (r1 - r0) + 64
+            return max((g1 - g0) * kp, (r1 - r0) * nb, e * b, meta) + 16 <= lim
 
         out, g0 = [], 0
         while g0 < g_all:
@@ -398,6 +398,7 @@ class GpuMatrix:
                 (a["out_ptr"][r0:r1 + 1] - np.uint32(m0)).astype("<u4"),
                 _words(a["out_cols"][m0:m1]),
                 _words(a["out_vals"][m0:m1]),
+                _words(a["row_scales"][r0:r1]),
             ]
             offs = np.cumsum([0] + [s.size for s in sections])
             meta = np.concatenate(sections)
@@ -407,6 +408,7 @@ class GpuMatrix:
                 self._grid_x, 1 if cols_u16 else 0, offs[1], offs[2], offs[3], offs[4], offs[5],
             ]
             params[15:17] = np.array([_MAGIC, _MAGIC], dtype="<f4").view("<u4")
+            params[17] = offs[6]
             bufs = [
                 ctx.buffer(codes[g0:g1], st),
                 ctx.buffer(a["scales"][r0:r1], st),

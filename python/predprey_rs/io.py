@@ -9,7 +9,7 @@ A packed checkpoint is a directory shaped like a Hugging Face checkpoint::
     tokenizer.json, ...               copied through from the source directory
     gguf_metadata.json                GGUF sources only: every key/value of the source
 
-Every packed weight ``W`` named ``<name>`` is stored as the nine arrays of FORMAT.md under
+Every packed weight ``W`` named ``<name>`` is stored as the ten arrays of FORMAT.md under
 ``<name>.codes``, ``<name>.scales``, ... ``<name>.out_vals``; every other tensor is stored
 unchanged under its own name.
 """

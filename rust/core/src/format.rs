@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// Version of the layout written by this crate. Files with another version are rejected.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Rows packed together: one byte holds one code of each of the 5 rows of a group (base 3).
 pub const ROWS_PER_GROUP: usize = 5;
 /// Allowed block sizes (weights per block along K).
@@ -23,10 +23,47 @@ pub const POW3: [u8; 5] = [1, 3, 9, 27, 81];
 /// Widest K for which predator columns are stored as u16.
 pub const MAX_K_U16_COLS: usize = 65536;
 /// The tensor names, in file order.
-pub const TENSOR_NAMES: [&str; 9] = [
-    "codes", "scales", "p2_ptr", "p2_block", "p2_scales", "p2_codes", "out_ptr", "out_cols",
-    "out_vals",
+pub const TENSOR_NAMES: [&str; 10] = [
+    "codes", "scales", "row_scales", "p2_ptr", "p2_block", "p2_scales", "p2_codes", "out_ptr",
+    "out_cols", "out_vals",
 ];
+/// Largest 8-bit block-scale code.
+pub const MAX_SCALE_CODE: u8 = 255;
+/// A block scale is `row_scales[r] * code / SCALE_DIV` (a power of two, so the factor
+/// `row_scales[r] / SCALE_DIV` is exact in float32).
+pub const SCALE_DIV: f32 = 256.0;
+
+/// The FP16 row scale `u` for a row whose largest block scale (either plane) is `max_abs`:
+/// the smallest FP16 value with `max_abs <= u * 255 / 256` up to FP16 rounding, so every block
+/// scale of the row gets a code in 0..=255 and the largest one about code 255. 0 for a row of
+/// zero scales. `max_abs` must be finite and >= 0.
+pub fn row_scale_for(max_abs: f32) -> f16 {
+    if max_abs <= 0.0 || max_abs.is_nan() {
+        return f16::ZERO;
+    }
+    let u = f16::from_f32((max_abs * (SCALE_DIV / MAX_SCALE_CODE as f32)).min(65504.0));
+    if u.to_f32() == 0.0 {
+        // Below FP16's smallest subnormal: the row's scales round to 0 anyway.
+        return f16::from_bits(1);
+    }
+    u
+}
+
+/// The 8-bit code of block scale `s` (>= 0) under row scale `u`: round(s * 256 / u), clamped
+/// to 0..=255 (0 when `u` is 0).
+pub fn scale_code(s: f32, u: f16) -> u8 {
+    let u = u.to_f32();
+    if u <= 0.0 || !u.is_finite() {
+        return 0;
+    }
+    (s * SCALE_DIV / u).round().clamp(0.0, MAX_SCALE_CODE as f32) as u8
+}
+
+/// The block scale that code `q` stands for under row scale `u` (the exact float32 product).
+#[inline]
+pub fn scale_value(q: u8, u: f16) -> f32 {
+    u.to_f32() * (1.0 / SCALE_DIV) * q as f32
+}
 
 const fn build_digits() -> [[u8; 5]; 256] {
     let mut t = [[1u8; 5]; 256];
@@ -72,7 +109,7 @@ fn invalid<T>(msg: impl Into<String>) -> Result<T, FormatError> {
     Err(FormatError::Invalid(msg.into()))
 }
 
-/// One packed matrix (FORMAT.md, version 1). All arrays are exactly the stored arrays, except
+/// One packed matrix (FORMAT.md, version 2). All arrays are exactly the stored arrays, except
 /// `out_cols`, which is held as u32 in memory whatever its stored width (see `cols_u16`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PackedMatrix {
@@ -84,14 +121,16 @@ pub struct PackedMatrix {
     pub block_size: usize,
     /// Plane-1 codes, u8 [G, Kp], base-3 packed over the 5 rows of a group.
     pub codes: Vec<u8>,
-    /// Plane-1 block scales, f16 [N, nb].
-    pub scales: Vec<f16>,
+    /// Plane-1 block-scale codes, u8 [N, nb]: block scale = `scale_value(code, row_scales[r])`.
+    pub scales: Vec<u8>,
+    /// Row scales `u`, f16 [N]: the unit of both planes' 8-bit scale codes of row `r`.
+    pub row_scales: Vec<f16>,
     /// Plane-2 CSR over groups, u32 [G + 1].
     pub p2_ptr: Vec<u32>,
     /// Plane-2 block index per entry, u16 [E].
     pub p2_block: Vec<u16>,
-    /// Plane-2 scales, f16 [E, 5] (row `5g+i` at `[e, i]`).
-    pub p2_scales: Vec<f16>,
+    /// Plane-2 block-scale codes, u8 [E, 5] (row `5g+i` at `[e, i]`), under the same row scales.
+    pub p2_scales: Vec<u8>,
     /// Plane-2 codes, u8 [E, B], base-3 packed like `codes`.
     pub p2_codes: Vec<u8>,
     /// Predator CSR over rows, u32 [N + 1].
@@ -224,13 +263,14 @@ impl Dims {
     /// pointer arrays (with no plane-2 entry and no predator).
     pub fn fixed_bytes(&self) -> usize {
         self.n_groups * self.padded_cols
-            + 2 * self.rows * self.n_blocks
+            + self.rows * self.n_blocks
+            + 2 * self.rows
             + 4 * (self.n_groups + 1)
             + 4 * (self.rows + 1)
     }
-    /// Bytes one plane-2 entry costs: B code bytes, 5 f16 scales, one u16 block index.
+    /// Bytes one plane-2 entry costs: B code bytes, 5 u8 scale codes, one u16 block index.
     pub fn p2_entry_bytes(&self) -> usize {
-        self.block_size + 2 * ROWS_PER_GROUP + 2
+        self.block_size + ROWS_PER_GROUP + 2
     }
     /// Bytes one predator costs: its f16 value and its column index.
     pub fn predator_bytes(&self) -> usize {
@@ -270,7 +310,7 @@ impl PackedMatrix {
         }
     }
 
-    /// Bytes of all nine stored arrays (the file body, without the safetensors header).
+    /// Bytes of all ten stored arrays (the file body, without the safetensors header).
     pub fn nbytes(&self) -> usize {
         let d = self.dims();
         d.fixed_bytes() + self.n_p2_entries() * d.p2_entry_bytes()
@@ -297,6 +337,7 @@ impl PackedMatrix {
         };
         check_len("codes", self.codes.len(), g * kp)?;
         check_len("scales", self.scales.len(), self.rows * nb)?;
+        check_len("row_scales", self.row_scales.len(), self.rows)?;
         check_len("p2_ptr", self.p2_ptr.len(), g + 1)?;
         check_len("p2_scales", self.p2_scales.len(), e * ROWS_PER_GROUP)?;
         check_len("p2_codes", self.p2_codes.len(), e * b)?;
@@ -304,7 +345,7 @@ impl PackedMatrix {
         check_len("out_cols", self.out_cols.len(), m)?;
         let pad_rows = g * ROWS_PER_GROUP - self.rows;
         check_codes("codes", &self.codes, kp, self.cols, pad_rows, |i| i / kp == g - 1)?;
-        for (name, arr) in [("scales", &self.scales), ("p2_scales", &self.p2_scales), ("out_vals", &self.out_vals)] {
+        for (name, arr) in [("row_scales", &self.row_scales), ("out_vals", &self.out_vals)] {
             if let Some(i) = arr.iter().position(|v| !v.is_finite()) {
                 return invalid(format!("array `{name}` has a non-finite value at index {i}; expected finite FP16"));
             }
@@ -327,7 +368,7 @@ impl PackedMatrix {
                     .map_err(|err| FormatError::Invalid(format!("{err} (entry {j})")))?;
                 if last_group {
                     for i in (ROWS_PER_GROUP - pad_rows)..ROWS_PER_GROUP {
-                        if self.p2_scales[j * ROWS_PER_GROUP + i].to_f32() != 0.0 {
+                        if self.p2_scales[j * ROWS_PER_GROUP + i] != 0 {
                             return invalid(format!("p2_scales[{j}, {i}] belongs to a padding row and must be 0"));
                         }
                     }
@@ -385,6 +426,18 @@ impl PackedMatrix {
         }
     }
 
+    /// Plane-1 scale of block `blk` of row `r`, as float32.
+    #[inline]
+    pub fn scale(&self, r: usize, blk: usize) -> f32 {
+        scale_value(self.scales[r * self.dims().n_blocks + blk], self.row_scales[r])
+    }
+
+    /// Plane-2 scale of row `r` in entry `e` (an entry of r's group), as float32.
+    #[inline]
+    pub fn p2_scale(&self, e: usize, r: usize) -> f32 {
+        scale_value(self.p2_scales[e * ROWS_PER_GROUP + r % ROWS_PER_GROUP], self.row_scales[r])
+    }
+
     /// Reference decode of row `r` into `out[..K]` (float32), straight from FORMAT.md.
     /// This is the definition every kernel is tested against; it is not fast.
     pub fn decode_row(&self, r: usize, out: &mut [f32]) {
@@ -393,11 +446,11 @@ impl PackedMatrix {
         let (g, i) = (r / ROWS_PER_GROUP, r % ROWS_PER_GROUP);
         for (k, o) in out.iter_mut().enumerate().take(self.cols) {
             let t1 = DIGITS[self.codes[g * kp + k] as usize][i] as f32 - 1.0;
-            *o = self.scales[r * d.n_blocks + k / b].to_f32() * t1;
+            *o = self.scale(r, k / b) * t1;
         }
         for e in self.p2_range(g) {
             let blk = self.p2_block[e] as usize;
-            let s2 = self.p2_scales[e * ROWS_PER_GROUP + i].to_f32();
+            let s2 = self.p2_scale(e, r);
             for kk in 0..b {
                 let k = blk * b + kk;
                 if k < self.cols {
@@ -420,7 +473,7 @@ impl PackedMatrix {
         w
     }
 
-    /// The nine stored arrays, in `TENSOR_NAMES` order, as little-endian bytes.
+    /// The ten stored arrays, in `TENSOR_NAMES` order, as little-endian bytes.
     pub fn to_tensors(&self) -> Vec<(&'static str, Tensor<'_>)> {
         let d = self.dims();
         let e = self.n_p2_entries();
@@ -436,10 +489,11 @@ impl PackedMatrix {
         let t = |dtype, shape: Vec<usize>, data| Tensor { dtype, shape, data };
         vec![
             ("codes", t(Dtype::U8, vec![d.n_groups, d.padded_cols], Cow::Borrowed(&self.codes[..]))),
-            ("scales", t(Dtype::F16, vec![self.rows, d.n_blocks], f16_bytes(&self.scales))),
+            ("scales", t(Dtype::U8, vec![self.rows, d.n_blocks], Cow::Borrowed(&self.scales[..]))),
+            ("row_scales", t(Dtype::F16, vec![self.rows], f16_bytes(&self.row_scales))),
             ("p2_ptr", t(Dtype::U32, vec![d.n_groups + 1], Cow::Owned(self.p2_ptr.iter().flat_map(|c| c.to_le_bytes()).collect()))),
             ("p2_block", t(Dtype::U16, vec![e], Cow::Owned(self.p2_block.iter().flat_map(|c| c.to_le_bytes()).collect()))),
-            ("p2_scales", t(Dtype::F16, vec![e, ROWS_PER_GROUP], f16_bytes(&self.p2_scales))),
+            ("p2_scales", t(Dtype::U8, vec![e, ROWS_PER_GROUP], Cow::Borrowed(&self.p2_scales[..]))),
             ("p2_codes", t(Dtype::U8, vec![e, d.block_size], Cow::Borrowed(&self.p2_codes[..]))),
             ("out_ptr", t(Dtype::U32, vec![self.rows + 1], Cow::Owned(self.out_ptr.iter().flat_map(|c| c.to_le_bytes()).collect()))),
             ("out_cols", t(cols.0, vec![m], cols.1)),
@@ -508,13 +562,15 @@ impl PackedMatrix {
 
         let codes = fetch("codes", Dtype::U8, 2)?;
         want_shape("codes", &codes, &[d.n_groups, d.padded_cols])?;
-        let scales = fetch("scales", Dtype::F16, 2)?;
+        let scales = fetch("scales", Dtype::U8, 2)?;
         want_shape("scales", &scales, &[d.rows, d.n_blocks])?;
+        let row_scales = fetch("row_scales", Dtype::F16, 1)?;
+        want_shape("row_scales", &row_scales, &[d.rows])?;
         let p2_ptr = fetch("p2_ptr", Dtype::U32, 1)?;
         want_shape("p2_ptr", &p2_ptr, &[d.n_groups + 1])?;
         let p2_block = fetch("p2_block", Dtype::U16, 1)?;
         let e = p2_block.shape[0];
-        let p2_scales = fetch("p2_scales", Dtype::F16, 2)?;
+        let p2_scales = fetch("p2_scales", Dtype::U8, 2)?;
         want_shape("p2_scales", &p2_scales, &[e, ROWS_PER_GROUP])?;
         let p2_codes = fetch("p2_codes", Dtype::U8, 2)?;
         want_shape("p2_codes", &p2_codes, &[e, d.block_size])?;
@@ -530,10 +586,11 @@ impl PackedMatrix {
             cols: d.cols,
             block_size: d.block_size,
             codes: codes.data.into_owned(),
-            scales: f16s(&scales),
+            scales: scales.data.into_owned(),
+            row_scales: f16s(&row_scales),
             p2_ptr: u32s(&p2_ptr),
             p2_block: u16s(&p2_block),
-            p2_scales: f16s(&p2_scales),
+            p2_scales: p2_scales.data.into_owned(),
             p2_codes: p2_codes.data.into_owned(),
             out_ptr: u32s(&out_ptr),
             out_cols: if d.cols_u16() { u16s(&out_cols).into_iter().map(u32::from).collect() } else { u32s(&out_cols) },
@@ -543,7 +600,7 @@ impl PackedMatrix {
         Ok(p)
     }
 
-    /// Serialises to safetensors bytes (header + the nine arrays). Deterministic: the same
+    /// Serialises to safetensors bytes (header + the ten arrays). Deterministic: the same
     /// matrix always gives the same bytes (metadata keys sorted, tensors in `TENSOR_NAMES`
     /// order), so files can be checksummed and deduplicated.
     pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>, FormatError> {
@@ -666,6 +723,9 @@ pub struct Parts {
     pub s2: Vec<f32>,
     /// Predator values, [N, K]; NaN where there is no predator.
     pub pred: Vec<f32>,
+    /// Row scales [N] to keep (e.g. those of the matrix `to_parts` read), or empty: then
+    /// `from_parts` picks each row's (see there).
+    pub row_scales: Vec<f32>,
 }
 
 impl PackedMatrix {
@@ -675,9 +735,10 @@ impl PackedMatrix {
         let (n, k, nb) = (self.rows, self.cols, d.n_blocks);
         let mut p = Parts {
             rows: n, cols: k, block_size: d.block_size,
-            t1: vec![0; n * k], s1: self.scales.iter().map(|v| v.to_f32()).collect(),
+            t1: vec![0; n * k], s1: (0..n * nb).map(|j| self.scale(j / nb, j % nb)).collect(),
             p2: vec![false; d.n_groups * nb], t2: vec![0; n * k], s2: vec![0.0; n * nb],
             pred: vec![f32::NAN; n * k],
+            row_scales: self.row_scales.iter().map(|v| v.to_f32()).collect(),
         };
         for r in 0..n {
             for c in 0..k {
@@ -696,7 +757,7 @@ impl PackedMatrix {
                     if r >= n {
                         break;
                     }
-                    p.s2[r * nb + blk] = self.p2_scales[e * ROWS_PER_GROUP + i].to_f32();
+                    p.s2[r * nb + blk] = self.p2_scale(e, r);
                     for kk in 0..d.block_size {
                         let c = blk * d.block_size + kk;
                         if c < k {
@@ -709,9 +770,12 @@ impl PackedMatrix {
         p
     }
 
-    /// Packs a dense spelling. Scales are rounded to FP16 (they must be finite and within
-    /// FP16 range), predator values too; codes must be -1/0/+1, zero under predators and zero
-    /// in plane 2 outside its cells. The result is validated.
+    /// Packs a dense spelling. Block scales (finite, |s| <= 65504) become 8-bit codes under one
+    /// FP16 row scale per row (`scale_code`): the given `row_scales[r]` when there are some and
+    /// every |s| of the row fits under it (code <= 255), else `row_scale_for` the row's largest
+    /// |s| over both planes' cells. So `from_parts(to_parts(m)) == m`; a negative scale is stored as |s| with its block's codes negated (the
+    /// same weights). Predator values are rounded to FP16. Codes must be -1/0/+1, zero under
+    /// predators and zero in plane 2 outside its cells. The result is validated.
     pub fn from_parts(p: &Parts) -> Result<PackedMatrix, FormatError> {
         let d = Dims::new(p.rows, p.cols, p.block_size)?;
         let (n, k, nb, b, kp) = (p.rows, p.cols, d.n_blocks, d.block_size, d.padded_cols);
@@ -720,6 +784,9 @@ impl PackedMatrix {
             if len != want {
                 return invalid(format!("part `{name}` has {len} elements; expected {want}"));
             }
+        }
+        if !p.row_scales.is_empty() && p.row_scales.len() != n {
+            return invalid(format!("part `row_scales` has {} elements; expected {n} or none", p.row_scales.len()));
         }
         for (name, t) in [("t1", &p.t1), ("t2", &p.t2)] {
             if let Some(i) = t.iter().position(|v| !(-1..=1).contains(v)) {
@@ -731,9 +798,22 @@ impl PackedMatrix {
                 return invalid(format!("part `{name}` has scale {} at index {i}; expected finite and |s| <= 65504", s[i]));
             }
         }
+        let row_scales: Vec<f16> = (0..n).map(|r| {
+            let g = r / ROWS_PER_GROUP;
+            let m1 = p.s1[r * nb..(r + 1) * nb].iter().fold(0f32, |a, v| a.max(v.abs()));
+            let m2 = (0..nb).filter(|&blk| p.p2[g * nb + blk]).fold(0f32, |a, blk| a.max(p.s2[r * nb + blk].abs()));
+            let m = m1.max(m2);
+            match p.row_scales.get(r).map(|&u| f16::from_f32(u)) {
+                Some(u) if u.is_finite() && u.to_f32() > 0.0 && m * SCALE_DIV <= (MAX_SCALE_CODE as f32 + 0.5) * u.to_f32() => u,
+                _ => row_scale_for(m),
+            }
+        }).collect();
+        // -1 where a block's scale is negative (its codes are stored negated), else +1.
+        let sign = |s: f32| if s < 0.0 { -1i16 } else { 1 };
         let mut m = PackedMatrix {
             rows: n, cols: k, block_size: b, codes: vec![ZERO_CODE_BYTE; d.n_groups * kp],
-            scales: p.s1.iter().map(|&v| f16::from_f32(v)).collect(),
+            scales: (0..n * nb).map(|j| scale_code(p.s1[j].abs(), row_scales[j / nb])).collect(),
+            row_scales: row_scales.clone(),
             p2_ptr: vec![0], p2_block: vec![], p2_scales: vec![], p2_codes: vec![],
             out_ptr: vec![0], out_cols: vec![], out_vals: vec![],
         };
@@ -757,7 +837,7 @@ impl PackedMatrix {
                 }
                 // Adding (c - 1) * 3^i to the all-zero byte sets digit i to c.
                 let byte = &mut m.codes[g * kp + c];
-                *byte = (*byte as i16 + p.t1[pos] as i16 * POW3[i] as i16) as u8;
+                *byte = (*byte as i16 + sign(p.s1[r * nb + c / b]) * p.t1[pos] as i16 * POW3[i] as i16) as u8;
             }
             m.out_ptr.push(m.out_vals.len() as u32);
         }
@@ -771,13 +851,14 @@ impl PackedMatrix {
                 for i in 0..ROWS_PER_GROUP {
                     let r = g * ROWS_PER_GROUP + i;
                     if r >= n {
-                        m.p2_scales.push(f16::ZERO);
+                        m.p2_scales.push(0);
                         continue;
                     }
-                    m.p2_scales.push(f16::from_f32(p.s2[r * nb + blk]));
+                    let s2 = p.s2[r * nb + blk];
+                    m.p2_scales.push(scale_code(s2.abs(), row_scales[r]));
                     for kk in 0..b.min(k - blk * b) {
                         let t = p.t2[r * k + blk * b + kk];
-                        codes[kk] = (codes[kk] as i16 + t as i16 * POW3[i] as i16) as u8;
+                        codes[kk] = (codes[kk] as i16 + sign(s2) * t as i16 * POW3[i] as i16) as u8;
                     }
                 }
                 m.p2_codes.extend_from_slice(&codes);
@@ -870,10 +951,12 @@ mod tests {
             cols: 40,
             block_size: 32,
             codes,
-            scales: [0.5, 2.0, 0.25, 4.0].map(f16::from_f32).to_vec(),
+            // Row 0: unit 4 (scale = 4 q / 256): 0.5, 2.0; row 1: unit 8: 0.25, 4.0.
+            scales: vec![32, 128, 8, 128],
+            row_scales: [4.0, 8.0].map(f16::from_f32).to_vec(),
             p2_ptr: vec![0, 1],
             p2_block: vec![1],
-            p2_scales: [0.125, 1.0, 0.0, 0.0, 0.0].map(f16::from_f32).to_vec(),
+            p2_scales: vec![8, 32, 0, 0, 0], // 0.125, 1.0
             p2_codes: p2,
             out_ptr: vec![0, 1, 1],
             out_cols: vec![39],
@@ -902,8 +985,10 @@ mod tests {
         want[40] = -0.25;
         want[40 + 33] = 4.0 + 1.0;
         assert_eq!(w, want);
-        // 64 code bytes + 4*2 scales + 2*4 p2_ptr + (32 + 10 + 2) entry + 3*4 out_ptr + 4 predator
-        assert_eq!(p.nbytes(), 64 + 8 + 8 + 44 + 12 + 4);
+        // 64 code bytes + 4 scale codes + 2*2 row scales + 2*4 p2_ptr + (32 + 5 + 2) entry
+        // + 3*4 out_ptr + 4 predator
+        assert_eq!(p.nbytes(), 64 + 4 + 4 + 8 + 39 + 12 + 4);
+        assert_eq!(p.nbytes(), p.to_tensors().iter().map(|(_, t)| t.data.len()).sum::<usize>());
     }
 
     #[test]
@@ -917,9 +1002,36 @@ mod tests {
         let mut bad = parts.clone();
         bad.t2[0] = 1; // block 0 has no plane 2
         assert!(PackedMatrix::from_parts(&bad).is_err());
-        let mut bad = parts;
+        let mut bad = parts.clone();
         bad.t1[3] = 2;
         assert!(PackedMatrix::from_parts(&bad).is_err());
+        // A negative scale is stored as |s| with the block's codes negated: same weights.
+        let mut neg = parts;
+        neg.s1[1] = -neg.s1[1];
+        for c in 32..40 {
+            neg.t1[c] = -neg.t1[c];
+        }
+        let q = PackedMatrix::from_parts(&neg).unwrap();
+        assert_eq!(q.decompress(), p.decompress());
+        assert!(q.scales.iter().zip(&p.scales).all(|(a, b)| a == b));
+    }
+
+    #[test]
+    fn scale_codes_round_to_the_row_grid() {
+        for &m in &[1e-6f32, 3e-4, 0.02, 1.0, 7.5, 3000.0, 60000.0] {
+            let u = row_scale_for(m);
+            assert!(u.to_f32() > 0.0 && u.is_finite());
+            let q = scale_code(m, u);
+            assert!(q >= 254 || m < 1e-5, "max scale {m} got code {q}");
+            // Rounding error at most half a step (plus FP16 rounding of u, relative 2^-11).
+            for f in [1.0f32, 0.77, 0.5, 0.1, 0.013] {
+                let s = m * f;
+                let back = scale_value(scale_code(s, u), u);
+                assert!((back - s).abs() <= 0.5 * u.to_f32() / SCALE_DIV * 1.001 + 1e-12, "{m} {f}: {s} -> {back}");
+            }
+        }
+        assert_eq!(row_scale_for(0.0), f16::ZERO);
+        assert_eq!(scale_code(1.0, f16::ZERO), 0);
     }
 
     #[test]
@@ -956,8 +1068,11 @@ mod tests {
         p.out_cols[0] = 0; // predator on a non-zero code
         assert!(p.validate().unwrap_err().to_string().contains("non-zero ternary code"));
         let mut p = tiny();
-        p.scales[1] = f16::NAN;
+        p.row_scales[1] = f16::NAN;
         assert!(p.validate().unwrap_err().to_string().contains("non-finite"));
+        let mut p = tiny();
+        p.p2_scales[3] = 1; // padding row 3
+        assert!(p.validate().unwrap_err().to_string().contains("padding row"));
         let mut p = tiny();
         p.p2_ptr[1] = 2;
         assert!(p.validate().is_err());

@@ -18,7 +18,7 @@
 //!   multiplier (error removed per bit) is searched so the whole matrix lands at or under the
 //!   budget; each cell then takes the choice that is best at that price.
 
-use crate::format::{pack_digits, Dims, FormatError, PackedMatrix, ROWS_PER_GROUP, ZERO_CODE_BYTE};
+use crate::format::{pack_digits, row_scale_for, scale_code, Dims, FormatError, PackedMatrix, ROWS_PER_GROUP, ZERO_CODE_BYTE};
 use half::f16;
 use rayon::prelude::*;
 
@@ -162,7 +162,7 @@ fn check_budget(w: &[f32], rows: usize, cols: usize, importance: Option<&[f32]>,
     let min_bits = 8.0 * d.fixed_bytes() as f64 / (rows as f64 * cols as f64);
     if cfg.bits < min_bits {
         return Err(QuantError::Value(format!(
-            "bits = {} is below the minimum {min_bits:.4} for a {rows}x{cols} matrix with block_size {} (plane-1 codes at 1.6 bits + FP16 block scales + pointers); raise bits or the block size",
+            "bits = {} is below the minimum {min_bits:.4} for a {rows}x{cols} matrix with block_size {} (plane-1 codes at 1.6 bits + 8-bit block scales + FP16 row scales + pointers); raise bits or the block size",
             cfg.bits, cfg.block_size)));
     }
     Ok(d)
@@ -385,8 +385,9 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
     // 3. Encode each group with the chosen options.
     struct GroupOut {
         codes: Vec<u8>,
-        scales: Vec<(usize, f16)>,
-        p2: Vec<(u16, [f16; ROWS_PER_GROUP], Vec<u8>)>,
+        /// (row, 8-bit codes of its nb plane-1 scales, row scale)
+        scales: Vec<(usize, Vec<u8>, f16)>,
+        p2: Vec<(u16, [u8; ROWS_PER_GROUP], Vec<u8>)>,
         preds: Vec<Vec<(u32, f16)>>,
     }
     let kp = d.padded_cols;
@@ -395,23 +396,28 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
         let n = (rows - gi * ROWS_PER_GROUP).min(ROWS_PER_GROUP);
         let mut out = GroupOut { codes: vec![ZERO_CODE_BYTE; kp], scales: vec![], p2: vec![], preds: vec![vec![]; n] };
         let mut digits1 = vec![[1u8; ROWS_PER_GROUP]; kp];
+        // Float scales first; they become 8-bit codes under each row's scale once the row is done.
+        let mut s1 = vec![vec![0f32; nb]; n];
+        let mut p2f: Vec<(u16, [f32; ROWS_PER_GROUP], Vec<[u8; ROWS_PER_GROUP]>)> = vec![];
+        // Digit of code t, stored negated when the block's scale is negative (same weights).
+        let digit = |t: i8, s: f32| (if s < 0.0 { 1 - t } else { t + 1 }) as u8;
         for blk in 0..nb {
             let (p2, counts, _, _) = a.decide_cell(gi * nb + blk, lambda);
             let mut digits2 = vec![[1u8; ROWS_PER_GROUP]; b];
-            let mut s2 = [f16::ZERO; ROWS_PER_GROUP];
+            let mut s2 = [0f32; ROWS_PER_GROUP];
             for i in 0..n {
                 let r = gi * ROWS_PER_GROUP + i;
                 let (x, hh) = block_slices(w, h, &d, r, blk);
                 let (fs1, fs2, _) = f.fit_in_place(x, hh, PREDATOR_COUNTS[counts[i] as usize], if p2 { 2 } else { 1 }, cfg);
-                out.scales.push((r * nb + blk, f16::from_f32(fs1)));
+                s1[i][blk] = fs1;
                 let (t1, t2) = f.codes();
                 for (kk, &t) in t1.iter().enumerate() {
-                    digits1[blk * b + kk][i] = (t + 1) as u8;
+                    digits1[blk * b + kk][i] = digit(t, fs1);
                 }
                 if p2 {
-                    s2[i] = f16::from_f32(fs2);
+                    s2[i] = fs2;
                     for (kk, &t) in t2.iter().enumerate() {
-                        digits2[kk][i] = (t + 1) as u8;
+                        digits2[kk][i] = digit(t, fs2);
                     }
                 }
                 let mut pk: Vec<u8> = f.predator_positions().to_vec();
@@ -421,8 +427,17 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
                 }
             }
             if p2 {
-                out.p2.push((blk as u16, s2, digits2.iter().map(|dg| pack_digits(*dg)).collect()));
+                p2f.push((blk as u16, s2, digits2));
             }
+        }
+        for (i, row) in s1.iter().enumerate() {
+            let m2 = p2f.iter().fold(0f32, |m, e| m.max(e.1[i].abs()));
+            let u = row_scale_for(row.iter().fold(m2, |m, v| m.max(v.abs())));
+            out.scales.push((gi * ROWS_PER_GROUP + i, row.iter().map(|v| scale_code(v.abs(), u)).collect(), u));
+        }
+        for (blk, s2, digits2) in p2f {
+            let q = core::array::from_fn(|i| if i < n { scale_code(s2[i].abs(), out.scales[i].2) } else { 0 });
+            out.p2.push((blk, q, digits2.iter().map(|dg| pack_digits(*dg)).collect()));
         }
         out.codes = digits1.iter().map(|dg| pack_digits(*dg)).collect();
         out
@@ -433,7 +448,8 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
         cols,
         block_size: b,
         codes: Vec::with_capacity(g * kp),
-        scales: vec![f16::ZERO; rows * nb],
+        scales: vec![0; rows * nb],
+        row_scales: vec![f16::ZERO; rows],
         p2_ptr: vec![0],
         p2_block: vec![],
         p2_scales: vec![],
@@ -444,8 +460,9 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
     };
     for go in groups {
         p.codes.extend_from_slice(&go.codes);
-        for (i, s) in go.scales {
-            p.scales[i] = s;
+        for (r, q, u) in go.scales {
+            p.scales[r * nb..(r + 1) * nb].copy_from_slice(&q);
+            p.row_scales[r] = u;
         }
         for (blk, s2, codes) in go.p2 {
             p.p2_block.push(blk);

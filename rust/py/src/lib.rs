@@ -123,7 +123,7 @@ impl PyPackedMatrix {
     fn metadata(&self) -> HashMap<String, String> {
         self.inner.metadata()
     }
-    /// The nine stored arrays by name as numpy arrays (copies), dtypes as in FORMAT.md.
+    /// The ten stored arrays by name as numpy arrays (copies), dtypes as in FORMAT.md.
     fn arrays<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         for (name, t) in self.inner.to_tensors() {
@@ -387,16 +387,18 @@ fn to_parts<'py>(py: Python<'py>, p: &PyPackedMatrix) -> PyResult<Bound<'py, PyD
     out.set_item("s2", parts.s2.into_pyarray(py).reshape([n, nb])?)?;
     out.set_item("p2", parts.p2.into_pyarray(py).reshape([d.n_groups, nb])?)?;
     out.set_item("pred", parts.pred.into_pyarray(py).reshape([n, k])?)?;
+    out.set_item("row_scales", parts.row_scales.into_pyarray(py))?;
     Ok(out)
 }
 
 /// Packs a dense spelling (see `to_parts`) into a validated PackedMatrix.
 #[pyfunction]
+#[pyo3(signature = (block_size, t1, s1, p2, t2, s2, pred, row_scales=None))]
 #[allow(clippy::too_many_arguments)]
 fn from_parts(
     py: Python<'_>, block_size: usize, t1: PyReadonlyArray2<'_, i8>, s1: PyReadonlyArray2<'_, f32>,
     p2: PyReadonlyArray2<'_, bool>, t2: PyReadonlyArray2<'_, i8>, s2: PyReadonlyArray2<'_, f32>,
-    pred: PyReadonlyArray2<'_, f32>,
+    pred: PyReadonlyArray2<'_, f32>, row_scales: Option<PyReadonlyArray1<'_, f32>>,
 ) -> PyResult<PyPackedMatrix> {
     let (n, k) = (t1.shape()[0], t1.shape()[1]);
     let parts = format::Parts {
@@ -404,6 +406,7 @@ fn from_parts(
         t1: contiguous("t1", &t1)?.to_vec(), s1: contiguous("s1", &s1)?.to_vec(),
         p2: contiguous("p2", &p2)?.to_vec(), t2: contiguous("t2", &t2)?.to_vec(),
         s2: contiguous("s2", &s2)?.to_vec(), pred: contiguous("pred", &pred)?.to_vec(),
+        row_scales: match &row_scales { Some(u) => contiguous("row_scales", u)?.to_vec(), None => vec![] },
     };
     let p = py.detach(move || PackedMatrix::from_parts(&parts)).map_err(errors::format)?;
     Ok(PyPackedMatrix { inner: Arc::new(p) })

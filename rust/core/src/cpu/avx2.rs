@@ -10,7 +10,7 @@
 #![allow(clippy::needless_range_loop)] // index loops over rows / batch vectors / lanes read best here
 
 use super::{Activations, Ctx, Scratch, BATCH_TILE};
-use crate::format::ROWS_PER_GROUP;
+use crate::format::{ROWS_PER_GROUP, SCALE_DIV};
 use core::arch::x86_64::*;
 
 const R: usize = ROWS_PER_GROUP;
@@ -90,18 +90,9 @@ unsafe fn group<const NB: usize, const INT8: bool>(c: &Ctx, g: usize, b0: usize,
             dst.fill(0.0);
             continue;
         }
-        let src = &p.scales[r * nb..(r + 1) * nb];
-        let mut k = 0;
-        while k + 8 <= nb {
-            // SAFETY: k + 8 <= nb = src.len() = dst.len(); f16 is a transparent u16.
-            unsafe {
-                let h = _mm_loadu_si128(src.as_ptr().add(k) as *const __m128i);
-                _mm256_storeu_ps(dst.as_mut_ptr().add(k), _mm256_cvtph_ps(h));
-            }
-            k += 8;
-        }
-        for kk in k..nb {
-            dst[kk] = src[kk].to_f32();
+        let unit = p.row_scales[r].to_f32() * (1.0 / SCALE_DIV);
+        for (d, &q) in dst.iter_mut().zip(&p.scales[r * nb..(r + 1) * nb]) {
+            *d = unit * q as f32;
         }
     }
     let xf: [&[f32]; NB] = core::array::from_fn(|b| c.x.xf(b0 + b));
@@ -168,7 +159,7 @@ unsafe fn group<const NB: usize, const INT8: bool>(c: &Ctx, g: usize, b0: usize,
     }
     for e in c.p2_entries(g) {
         let blk = c.p2_block(e);
-        let sw: [f32; R] = core::array::from_fn(|i| p.p2_scales[e * R + i].to_f32());
+        let sw: [f32; R] = core::array::from_fn(|i| if g * R + i < p.rows { p.p2_scale(e, g * R + i) } else { 0.0 });
         let pc = &p.p2_codes[e * bs..(e + 1) * bs];
         for u in 0..bs / 32 {
             step(&pc[32 * u..32 * u + 32], blk * bs + 32 * u, sw);

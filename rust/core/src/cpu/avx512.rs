@@ -18,7 +18,7 @@
 #![allow(clippy::needless_range_loop)] // index loops over rows / batch vectors / lanes read best here
 
 use super::{Activations, Ctx, Scratch, BATCH_TILE};
-use crate::format::ROWS_PER_GROUP;
+use crate::format::{ROWS_PER_GROUP, SCALE_DIV};
 use core::arch::x86_64::*;
 
 const R: usize = ROWS_PER_GROUP;
@@ -176,21 +176,22 @@ fn srow(nb: usize) -> usize {
     nb + 16
 }
 
-/// f16 -> f32 of `n <= 16` values from `src` into `dst` (masked, so nothing past n is touched).
+/// u8 -> f32 of `n <= 16` 8-bit scale codes from `src` into `dst` (masked, so nothing past n
+/// is touched).
 ///
 /// # Safety
-/// `src` and `dst` are valid for `n` elements; AVX-512F/BW/VL + F16C present.
+/// `src` and `dst` are valid for `n` elements; AVX-512F/BW/VL present.
 #[inline(always)]
-unsafe fn cvt16(src: *const half::f16, dst: *mut f32, n: usize) {
+unsafe fn cvt8(src: *const u8, dst: *mut f32, n: usize) {
     let m: __mmask16 = if n >= 16 { 0xFFFF } else { (1u16 << n) - 1 };
-    // SAFETY: lanes past n are masked off; f16 is a transparent u16.
-    unsafe { _mm512_mask_storeu_ps(dst, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src as *const i16))) };
+    // SAFETY: lanes past n are masked off.
+    unsafe { _mm512_mask_storeu_ps(dst, m, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, src as *const i8)))) };
 }
 
-/// Fills the scratch for group `g`: `f[i * srow(nb) + blk]` = plane-1 scale of row i, block
-/// blk, as f32 (0 for padding rows and for the 16 floats after each row). Used by the
+/// Fills the scratch for group `g`: `f[i * srow(nb) + blk]` = plane-1 scale code of row i,
+/// block blk, as f32 (this kernel accumulates in units of the row scale: see `group`) (0 for padding rows and for the 16 floats after each row). Used by the
 /// 64-column steps (float32, and the int8 columns past the last whole superblock); the int8
-/// superblocks read the f16 scales directly.
+/// superblocks read the 8-bit scale codes directly.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
 unsafe fn row_scales(c: &Ctx, g: usize, scr: &mut Scratch) {
     let nb = c.d.n_blocks;
@@ -208,7 +209,7 @@ unsafe fn row_scales(c: &Ctx, g: usize, scr: &mut Scratch) {
         let mut k = 0;
         while k < nb {
             // SAFETY: k + min(16, nb - k) <= nb = src.len() <= row.len().
-            unsafe { cvt16(src.as_ptr().add(k), row.as_mut_ptr().add(k), nb - k) };
+            unsafe { cvt8(src.as_ptr().add(k), row.as_mut_ptr().add(k), nb - k) };
             k += 16;
         }
     }
@@ -524,7 +525,9 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
     let (bs, kp, nb) = (c.d.block_size, c.d.padded_cols, c.d.n_blocks);
     // B is a power of two: shifts instead of divisions in the loops.
     let lb = bs.trailing_zeros() as usize;
-    // (int8 reads the scales of whole superblocks straight from the f16 arrays.)
+    // Every scale below is the 8-bit code as f32: both planes of a row share its row scale
+    // row_scales[r] / 256, applied once to the row's sum before the predators are added.
+    // (int8 reads the scale codes of whole superblocks straight from the u8 arrays.)
     if !INT8 || kp % 512 != 0 {
         // SAFETY: scratch size and CPU features per this function's contract.
         unsafe { row_scales(c, g, scr) };
@@ -563,7 +566,7 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
     let unit = unsafe { _mm512_load_si512(LANE_UNIT[bsi].0.as_ptr() as *const _) };
     let n_sb = if INT8 { kp / 512 } else { 0 };
     let bps = 512 >> lb; // blocks per superblock
-    // The f16 plane-1 scales of a superblock: row i's `bps` blocks from `s1_row[i] + first`
+    // The plane-1 scale codes of a superblock: row i's `bps` blocks from `s1_row[i] + first`
     // (masked load; nothing at all for padding rows, which then get scale 0).
     let s1_row: [usize; R] = core::array::from_fn(|i| if g * R + i < p.rows { (g * R + i) * nb } else { 0 });
     let s1_mask: [__mmask16; R] = core::array::from_fn(|i| if g * R + i < p.rows { (((1u32 << bps) - 1) & 0xFFFF) as __mmask16 } else { 0 });
@@ -587,8 +590,8 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
         unsafe {
             let sx: [__m512; NB] = core::array::from_fn(|b| _mm512_loadu_ps(x.sxt[b].add(16 * sb)));
             let sw: [__m512; R] = core::array::from_fn(|i| {
-                let h = _mm256_maskz_loadu_epi16(s1_mask[i], p.scales.as_ptr().wrapping_add(s1_row[i] + first) as *const i16);
-                _mm512_permutexvar_ps(unit, _mm512_cvtph_ps(h))
+                let h = _mm_maskz_loadu_epi8(s1_mask[i], p.scales.as_ptr().wrapping_add(s1_row[i] + first) as *const i8);
+                _mm512_permutexvar_ps(unit, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(h)))
             });
             let qs: [__m512i; NB] = core::array::from_fn(|b| _mm512_loadu_si512(x.qsumt[b].add(16 * sb) as *const _));
             let mut q = [[_mm512_setzero_si512(); NB]; 8];
@@ -696,17 +699,17 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
                     }),
                 )
             };
-            // Plane-2 scales: the cnt * 5 f16 values of the entries (masked loads, zeros past
-            // them), row i of lane L's entry picked by a word permute.
+            // Plane-2 scale codes: the cnt * 5 bytes of the entries (masked loads, zeros past
+            // them) widened to words, row i of lane L's entry picked by a word permute.
             let nw = cnt * R;
             let wm = |lo: usize| -> __mmask32 {
                 let n = nw.saturating_sub(lo).min(32);
                 if n == 32 { !0 } else { (1u32 << n) - 1 }
             };
-            let ws = p.p2_scales.as_ptr().add(e0 * R) as *const i16;
-            let w0 = _mm512_maskz_loadu_epi16(wm(0), ws);
-            let w1 = _mm512_maskz_loadu_epi16(wm(32), ws.wrapping_add(32));
-            let w2 = if B32 { _mm512_maskz_loadu_epi16(wm(64), ws.wrapping_add(64)) } else { _mm512_setzero_si512() };
+            let ws = p.p2_scales.as_ptr().add(e0 * R) as *const i8;
+            let w0 = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(wm(0), ws));
+            let w1 = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(wm(32), ws.wrapping_add(32)));
+            let w2 = if B32 { _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(wm(64), ws.wrapping_add(64))) } else { _mm512_setzero_si512() };
             let sw: [__m512; R] = core::array::from_fn(|i| {
                 let idx = _mm512_load_si512(P2_WORD[bsi][i].0.as_ptr() as *const _);
                 let mut v = _mm512_permutex2var_epi16(w0, idx, w1);
@@ -714,7 +717,7 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
                     // Lanes whose word is past 64 (entries 13.. of 16) come from w2.
                     v = _mm512_mask_blend_epi16(P2_HI[i], v, _mm512_permutexvar_epi16(_mm512_sub_epi16(idx, _mm512_set1_epi16(64)), w2));
                 }
-                _mm512_cvtph_ps(_mm512_castsi512_si256(v))
+                _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)))
             });
             sb_plane::<NB>(&t2, &q, &qs, &packed, &sw, &sx, &mut acc);
         }
@@ -746,7 +749,7 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
     for e in es.start + n_valid..es.end {
         let blk = c.p2_block(e);
         let sw: [(__m512, __m512); R] = core::array::from_fn(|i| {
-            let a = _mm512_set1_ps(p.p2_scales[e * R + i].to_f32());
+            let a = _mm512_set1_ps(p.p2_scales[e * R + i] as f32);
             (a, a)
         });
         let codes = &p.p2_codes[e * bs..(e + 1) * bs];
@@ -773,6 +776,7 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
         for b in 0..NB {
             let mut y = _mm512_reduce_add_ps(acc[i][b]);
             if r < p.rows {
+                y *= p.row_scales[r].to_f32() * (1.0 / SCALE_DIV);
                 // SAFETY: x.xf[b] holds `stride` floats (Ctx sizes).
                 y += unsafe { predators(c, r, x.xf[b]) };
             }

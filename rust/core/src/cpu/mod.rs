@@ -205,6 +205,7 @@ fn check(p: &PackedMatrix, x: &[f32], batch: usize, y: &[f32]) -> Result<Dims, K
     let lens = [
         ("codes", p.codes.len(), d.n_groups * d.padded_cols),
         ("scales", p.scales.len(), p.rows * d.n_blocks),
+        ("row_scales", p.row_scales.len(), p.rows),
         ("p2_ptr", p.p2_ptr.len(), d.n_groups + 1),
         ("p2_scales", p.p2_scales.len(), e * ROWS_PER_GROUP),
         ("p2_codes", p.p2_codes.len(), e * d.block_size),

@@ -51,12 +51,12 @@ pub(crate) fn row(c: &Ctx, r: usize, b: usize) -> f64 {
         }
     };
     for blk in 0..nb {
-        let s = p.scales[r * nb + blk].to_f64();
+        let s = p.scale(r, blk) as f64;
         acc += block(&codes[blk * bs..(blk + 1) * bs], blk * bs, s);
     }
     for e in c.p2_entries(g) {
         let blk = c.p2_block(e);
-        let s = p.p2_scales[e * ROWS_PER_GROUP + i].to_f64();
+        let s = p.p2_scale(e, r) as f64;
         acc += block(&p.p2_codes[e * bs..(e + 1) * bs], blk * bs, s);
     }
     for j in c.predators(r) {
