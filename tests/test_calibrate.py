@@ -182,6 +182,13 @@ def test_act_order_and_refit_keep_the_size_and_lower_the_output_error():
         assert err(again) < 1.05 * err(g)
         twice = calibrate.gptq_quantize(w, h, 3.0, 64, act_order=act, fixed=again)
         assert np.array_equal(pp.decompress(twice), pp.decompress(again))
+        # with the grid fixed up front the first pass already rounds to the stored scales
+        gg = calibrate.gptq_quantize(w, h, 3.0, 64, act_order=act, grid_headroom=1.1)
+        assert gg.nbytes == g.nbytes and err(gg) < 0.97 * err(plain)
+        unit = _core.to_parts(plain)["row_scales"] * 1.1
+        np.testing.assert_allclose(_core.to_parts(gg)["row_scales"], unit, rtol=2**-10)
+        same = calibrate.gptq_quantize(w, h, 3.0, 64, act_order=act, fixed=gg)
+        assert np.array_equal(pp.decompress(same), pp.decompress(gg))
         # around the refitted scales: same options and size, a different encoding
         p2 = calibrate.gptq_quantize(w, h, 3.0, 64, act_order=act, fixed=r)
         assert p2.nbytes == g.nbytes and np.array_equal(_core.to_parts(p2)["s1"], pr["s1"])

@@ -75,6 +75,27 @@ def test_minilm_round_trip(minilm_packed):
                 rel=1e-3)
 
 
+def test_minilm_every_encoder_weight_at_3_bits(tmp_path):
+    """The core issue's bar on real weights: every 2-D encoder weight of MiniLM compressed at
+    3.0 bits comes in at or under 3.0 bits per weight, exactly the bytes its file body holds,
+    with a mean weight cosine >= 0.94 (the original prototype's scheme: 0.91 at 3.0 bits)."""
+    source = _read_source(minilm_dir() / "model.safetensors")
+    names = [n for n, a in source.items() if a.ndim == 2 and n.startswith("encoder.")]
+    assert len(names) == 36
+    cos = []
+    for n in names:
+        w = source[n].astype(np.float32)
+        p = pp.compress(w, bits=3.0)
+        assert p.bits_per_weight <= 3.0, (n, p.bits_per_weight)
+        f = tmp_path / "m.safetensors"
+        p.save(f)
+        (hlen,) = struct.unpack("<Q", f.read_bytes()[:8])
+        assert f.stat().st_size - 8 - hlen == p.nbytes, n
+        q = pp.decompress(p).astype(np.float64)
+        cos.append(float((q * w).sum() / (np.linalg.norm(q) * np.linalg.norm(w))))
+    assert np.mean(cos) >= 0.94, np.mean(cos)
+
+
 def test_minilm_config_and_files(minilm_packed):
     src, out, res = minilm_packed
     cfg = json.loads((out / "config.json").read_text())

@@ -215,6 +215,7 @@ def gptq_block(
     planes: npt.NDArray[np.uint8],
     npred: npt.NDArray[np.uint8],
     joint_iters: int = 4,
+    units: npt.NDArray[np.float32] | None = None,
 ) -> tuple[
     npt.NDArray[np.float32],
     npt.NDArray[np.float32],
@@ -232,7 +233,9 @@ def gptq_block(
     rounds the columns left to right to the nearest level, pushing each column's error onto
     the block's later columns. Returns (s1 [N], s2 [N], t1 int8 [N, L], t2 int8 [N, L],
     pred float32 [N, L] (NaN where none), err float32 [N, L]); the caller updates the later
-    blocks with ``W[:, right] -= err @ U[block, right]``. Releases the GIL.
+    blocks with ``W[:, right] -= err @ U[block, right]``. ``units``: float32 [N] FP16 row
+    scales (FORMAT.md): round the fitted scales to the rows' 8-bit grids first, so the columns
+    are rounded to the levels that will be stored. Releases the GIL.
     """
 
 def gptq_block_fixed(

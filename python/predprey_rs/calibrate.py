@@ -68,6 +68,9 @@ DEFAULT_BLOCK_OFFSETS: dict[int, float] = {0: 1.0, 1: 0.75, 2: 0.5, 3: 0.25, 4: 
 DEFAULT_ACT_ORDER = True
 DEFAULT_REFIT = True
 DEFAULT_PASSES = 1
+# GPTQ rounds to block scales already on each row's 8-bit grid (fixed up front at the first
+# encoding's row scale times this), or None: to the fitted scales, rounded to a grid afterwards.
+DEFAULT_GRID_HEADROOM: float | None = 1.1
 
 # attribute of llama._Block -> GGUF suffix, and the order the data reaches them inside a block
 # What --calibrate does by default (docs/fidelity.md has the measurements behind the choice).
@@ -267,7 +270,8 @@ def quantize_model(
         t0 = time.perf_counter()
         h = st.importance
         if method == "gptq":
-            p = gptq_quantize(w, st.hessian, budget(name), block_size, damp=damp, act_order=act_order)
+            p = gptq_quantize(w, st.hessian, budget(name), block_size, damp=damp, act_order=act_order,
+                              grid_headroom=DEFAULT_GRID_HEADROOM)
             for i in range(passes if refit else 1):
                 if i:  # codes again around the refitted scales, then refit those
                     p = gptq_quantize(w, st.hessian, budget(name), block_size, damp=damp, act_order=act_order, fixed=p)
@@ -395,7 +399,8 @@ def _dense(v: Any) -> np.ndarray:
 # --------------------------------------------------------------------------------- GPTQ
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: float, block_size: int = 64,
-                  damp: float = 0.01, act_order: bool = False, fixed: PackedMatrix | None = None) -> PackedMatrix:
+                  damp: float = 0.01, act_order: bool = False, fixed: PackedMatrix | None = None,
+                  grid_headroom: float | None = None) -> PackedMatrix:
     """Compresses ``w`` (N, K) minimising ||(W - Q) X||^2 for inputs with second moment
     ``hessian`` (K, K) = X^T X / T, by error feedback across columns (GPTQ) inside the
     format: the options of every cell (planes, predators per row and block) come from an
@@ -405,7 +410,11 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: float, block_size: i
     their errors (blocks stay in order: the block scales are unaffected). ``fixed``: a
     previous encoding of ``w`` (e.g. after ``refit_scales``) whose options, block scales and
     predator positions are kept; only the codes and predator values are chosen again, with
-    error feedback, around those scales."""
+    error feedback, around those scales. ``grid_headroom`` (no ``fixed``): fix each row's 8-bit
+    scale grid up front, at the row scale of the importance-weighted encoding times this factor
+    (room for the feedback to raise scales), and round every fitted block scale to it before
+    the columns are rounded, so the codes are chosen for the stored scales; None: fit freely,
+    and the final scales are rounded to a grid afterwards."""
     from . import _core, compress
 
     w = np.asarray(w, dtype=np.float32)
@@ -437,6 +446,10 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: float, block_size: i
     except np.linalg.LinAlgError:
         return first
     u = u.astype(np.float32)
+    units = None
+    if fixed is None and grid_headroom is not None:
+        units = np.minimum(parts["row_scales"].astype(np.float64) * grid_headroom, 65504.0)
+        units = units.astype(np.float16).astype(np.float32)
     W = w[:, perm].copy()
     t1 = np.zeros((n, k), np.int8)
     t2 = np.zeros((n, k), np.int8)
@@ -451,7 +464,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: float, block_size: i
         # (fit +) column-by-column rounding with in-block feedback, in Rust (rows in parallel)
         if fixed is None:
             s1[:, b], s2[:, b], t1[:, c0:c1], t2[:, c0:c1], pred[:, c0:c1], err = _core.gptq_block(
-                wb, np.ascontiguousarray(h[c0:c1]), ub, planes, npred)
+                wb, np.ascontiguousarray(h[c0:c1]), ub, planes, npred, units=units)
         else:
             s1[:, b], s2[:, b] = parts["s1"][:, b], np.where(two_rows[:, b], parts["s2"][:, b], 0)
             t1[:, c0:c1], t2[:, c0:c1], pred[:, c0:c1], err = _core.gptq_block_fixed(
@@ -463,8 +476,10 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: float, block_size: i
     if act_order:
         inv = np.argsort(perm)
         t1, t2, pred = (np.ascontiguousarray(a[:, inv]) for a in (t1, t2, pred))
-    # fixed: the same scales, so the same row scales (8-bit grid); else the grid of the new fit
-    return _core.from_parts(block_size, t1, s1, p2, t2, s2, pred, parts["row_scales"] if fixed is not None else None)
+    # fixed: the same scales, so the same row scales (8-bit grid); else the grid chosen above,
+    # or (no headroom) one for the new fit
+    keep = parts["row_scales"] if fixed is not None else units
+    return _core.from_parts(block_size, t1, s1, p2, t2, s2, pred, keep)
 
 
 def refit_scales(packed: PackedMatrix, w: np.ndarray, hessian: np.ndarray, damp: float = 0.01,
@@ -597,5 +612,6 @@ def calibrate_source(src: str | Path, text: str | None = None, bits: float = 3.0
                             "text": "default" if text is None else "user", "type_offsets": dict(offs),
                             "block_offsets": {str(i): v for i, v in DEFAULT_BLOCK_OFFSETS.items()},
                             "act_order": DEFAULT_ACT_ORDER if method == "gptq" else None,
-                            "refit": DEFAULT_REFIT if method == "gptq" else None}}
+                            "refit": DEFAULT_REFIT if method == "gptq" else None,
+                            "grid_headroom": DEFAULT_GRID_HEADROOM if method == "gptq" else None}}
     return packed, imp, info

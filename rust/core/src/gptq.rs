@@ -20,6 +20,7 @@
 use half::f16;
 use rayon::prelude::*;
 
+use crate::format::{scale_code, scale_value};
 use crate::quant::{fit_block_rows, QuantConfig, QuantError};
 
 /// The result of [`quantize_block`] for `rows` rows of a block of `len` columns (row-major).
@@ -43,13 +44,27 @@ pub struct GptqBlock {
 /// Quantizes one block column with error feedback (see the module docs). `w` [rows, len] is
 /// updated in place (it ends as the weights each column was rounded from); `h` [len] is the
 /// block's importance, `u` [len, len] the block's diagonal slice of the upper Cholesky factor
-/// of the damped inverse Hessian, `planes` and `npred` [rows] the options.
-pub fn quantize_block(w: &mut [f32], len: usize, h: &[f32], u: &[f32], planes: &[u8], npred: &[u8], cfg: &QuantConfig) -> Result<GptqBlock, QuantError> {
+/// of the damped inverse Hessian, `planes` and `npred` [rows] the options. `units` [rows]: the
+/// rows' FP16 row scales (FORMAT.md) if the fitted scales are to be rounded to their 8-bit grids
+/// before the columns are (so the codes are chosen for the scales that will be stored).
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_block(w: &mut [f32], len: usize, h: &[f32], u: &[f32], planes: &[u8], npred: &[u8], units: Option<&[f32]>, cfg: &QuantConfig) -> Result<GptqBlock, QuantError> {
     let rows = planes.len();
     check_factor(u, len)?;
+    if units.is_some_and(|v| v.len() != rows) {
+        return Err(QuantError::Shape(format!("gptq: units has {} values; expected one per row ({rows})", units.map_or(0, |v| v.len()))));
+    }
     let fits = fit_block_rows(w, len, h, planes, npred, cfg)?;
-    let s1: Vec<f32> = fits.iter().map(|f| f.s1).collect();
-    let s2: Vec<f32> = fits.iter().zip(planes).map(|(f, &p)| if p == 2 { f.s2 } else { 0.0 }).collect();
+    // A fitted scale on row r's grid: the value its 8-bit code stands for (sign kept).
+    let snap = |s: f32, r: usize| match units {
+        Some(us) if us[r] > 0.0 => {
+            let unit = half::f16::from_f32(us[r]);
+            s.signum() * scale_value(scale_code(s.abs(), unit), unit)
+        }
+        _ => s, // no grid given (or a zero unit: the packer picks one later)
+    };
+    let s1: Vec<f32> = fits.iter().enumerate().map(|(r, f)| snap(f.s1, r)).collect();
+    let s2: Vec<f32> = fits.iter().zip(planes).enumerate().map(|(r, (f, &p))| if p == 2 { snap(f.s2, r) } else { 0.0 }).collect();
     let mut is_pred = vec![false; rows * len];
     for (r, f) in fits.iter().enumerate() {
         for &(k, _) in &f.preds {
@@ -188,7 +203,7 @@ mod tests {
         let planes: Vec<u8> = (0..rows).map(|r| 1 + (r % 2) as u8).collect();
         let npred: Vec<u8> = (0..rows).map(|r| (r % 3) as u8).collect();
         let cfg = QuantConfig::new(0.0, 64);
-        let g = quantize_block(&mut w, len, &h, &u, &planes, &npred, &cfg).unwrap();
+        let g = quantize_block(&mut w, len, &h, &u, &planes, &npred, None, &cfg).unwrap();
         assert_eq!(w, w0);
         for r in 0..rows {
             assert_eq!(g.pred[r * len..(r + 1) * len].iter().filter(|v| v.is_finite()).count(), npred[r] as usize);
@@ -215,7 +230,7 @@ mod tests {
                 u[j * len + k] = if j == k { 1.0 } else { 0.3 };
             }
         }
-        let g = quantize_block(&mut w, len, &[1.0; 32], &u, &[1], &[0], &QuantConfig::new(0.0, 32)).unwrap();
+        let g = quantize_block(&mut w, len, &[1.0; 32], &u, &[1], &[0], None, &QuantConfig::new(0.0, 32)).unwrap();
         // column j was rounded from w0[j] - sum_{i<j} e_i * 0.3
         for j in 0..len {
             let expect = w0[j] - 0.3 * g.err[..j].iter().sum::<f32>();
@@ -238,7 +253,7 @@ mod tests {
         let npred: Vec<u8> = (0..rows).map(|r| (r % 4) as u8).collect();
         let cfg = QuantConfig::new(0.0, 64);
         let mut w1 = w0.clone();
-        let g = quantize_block(&mut w1, len, &vec![1.0; len], &u, &planes, &npred, &cfg).unwrap();
+        let g = quantize_block(&mut w1, len, &vec![1.0; len], &u, &planes, &npred, None, &cfg).unwrap();
         let is_pred: Vec<bool> = g.pred.iter().map(|v| v.is_finite()).collect();
         let mut w2 = w0.clone();
         let f = quantize_block_fixed(&mut w2, len, &u, &g.s1, &g.s2, &is_pred).unwrap();
@@ -251,9 +266,9 @@ mod tests {
     fn rejects_a_bad_factor() {
         let mut w = vec![0.5; 4];
         let cfg = QuantConfig::new(0.0, 32);
-        let e = quantize_block(&mut w, 2, &[1.0; 2], &[1.0, 0.0, 0.0, 0.0], &[1, 1], &[0, 0], &cfg).unwrap_err();
+        let e = quantize_block(&mut w, 2, &[1.0; 2], &[1.0, 0.0, 0.0, 0.0], &[1, 1], &[0, 0], None, &cfg).unwrap_err();
         assert!(e.to_string().contains("u[1, 1]"), "{e}");
-        let e = quantize_block(&mut w, 2, &[1.0; 2], &[1.0; 3], &[1, 1], &[0, 0], &cfg).unwrap_err();
+        let e = quantize_block(&mut w, 2, &[1.0; 2], &[1.0; 3], &[1, 1], &[0, 0], None, &cfg).unwrap_err();
         assert!(e.to_string().contains("expected [2, 2]"), "{e}");
     }
 }

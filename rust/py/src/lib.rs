@@ -330,13 +330,14 @@ fn fit_block<'py>(
 /// [L, L] the block's diagonal slice of the upper Cholesky factor of the damped inverse
 /// Hessian, `planes`, `npred`: uint8 [N]. Returns (s1 [N], s2 [N], t1 int8 [N, L], t2 int8
 /// [N, L], pred float32 [N, L] (NaN where no predator), err float32 [N, L] scaled errors for the
-/// update of the later columns: W[:, right] -= err @ U[block, right]).
+/// update of the later columns: W[:, right] -= err @ U[block, right]). `units`: float32 [N] row
+/// scales: round the fitted scales to those rows' 8-bit grids before rounding the columns.
 #[pyfunction]
-#[pyo3(signature = (w, h, u, planes, npred, joint_iters=4))]
+#[pyo3(signature = (w, h, u, planes, npred, joint_iters=4, units=None))]
 #[allow(clippy::type_complexity)]
 fn gptq_block<'py>(
     py: Python<'py>, w: PyReadonlyArray2<'py, f32>, h: PyReadonlyArray1<'py, f32>, u: PyReadonlyArray2<'py, f32>,
-    planes: PyReadonlyArray1<'py, u8>, npred: PyReadonlyArray1<'py, u8>, joint_iters: usize,
+    planes: PyReadonlyArray1<'py, u8>, npred: PyReadonlyArray1<'py, u8>, joint_iters: usize, units: Option<PyReadonlyArray1<'py, f32>>,
 ) -> PyResult<(Bound<'py, PyArray1<f32>>, Bound<'py, PyArray1<f32>>, Bound<'py, PyArray2<i8>>, Bound<'py, PyArray2<i8>>, Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<f32>>)> {
     let (n, l) = (w.shape()[0], w.shape()[1]);
     if u.shape() != [l, l] {
@@ -346,7 +347,8 @@ fn gptq_block<'py>(
     let (hs, us) = (contiguous("h", &h)?, contiguous("u", &u)?);
     let (ps, ns) = (contiguous("planes", &planes)?, contiguous("npred", &npred)?);
     let cfg = block_fit_config(joint_iters);
-    let g = py.detach(|| predprey_core::gptq::quantize_block(&mut ws, l, hs, us, ps, ns, &cfg)).map_err(errors::quant)?;
+    let un = match &units { Some(v) => Some(contiguous("units", v)?), None => None };
+    let g = py.detach(|| predprey_core::gptq::quantize_block(&mut ws, l, hs, us, ps, ns, un, &cfg)).map_err(errors::quant)?;
     Ok((g.s1.into_pyarray(py), g.s2.into_pyarray(py), g.t1.into_pyarray(py).reshape([n, l])?, g.t2.into_pyarray(py).reshape([n, l])?,
         g.pred.into_pyarray(py).reshape([n, l])?, g.err.into_pyarray(py).reshape([n, l])?))
 }

@@ -319,8 +319,8 @@ const fn lane_tables(bs: usize) -> ([i32; 16], [i32; 16]) {
 #[repr(C, align(64))]
 struct Idx([i32; 16]);
 
-/// Word index (into the 5 f16 plane-2 scales per entry of a pseudo-superblock) of row `i` for
-/// lane L: `5 unit[L] + i`, in the low 16 words (upper 16 unused). For B = 32 (16 entries,
+/// Word index (into the 5 plane-2 scale codes per entry of a pseudo-superblock, widened to
+/// words) of row `i` for lane L: `5 unit[L] + i`, in the low 16 words (upper 16 unused). For B = 32 (16 entries,
 /// 80 words) indices from 64 on are taken from a third register (`P2_HI`).
 #[repr(C, align(64))]
 struct WordIdx([u16; 32]);
