@@ -191,6 +191,9 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="where the packed layers run (auto: GPU when an adapter is found)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="compress as `predprey compress --calibrate` does (GPTQ on the shipped calibration text; "
+                        "a few minutes) instead of plain per-layer compression (seconds)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON at the end")
 
 
@@ -200,7 +203,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         res = _demo.run(args.model, bits=args.bits, block_size=args.block_size, prompt=args.prompt,
                         max_new_tokens=args.max_new_tokens, device=args.device,
-                        out=sys.stderr if args.json else sys.stdout, progress=True)
+                        out=sys.stderr if args.json else sys.stdout, progress=True, calibrate=args.calibrate)
     except KeyboardInterrupt:
         return 130
     except _USER_ERRORS as e:
