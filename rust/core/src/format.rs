@@ -34,9 +34,10 @@ pub const MAX_SCALE_CODE: u8 = 255;
 pub const SCALE_DIV: f32 = 256.0;
 
 /// The FP16 row scale `u` for a row whose largest block scale (either plane) is `max_abs`:
-/// the smallest FP16 value with `max_abs <= u * 255 / 256` up to FP16 rounding, so every block
-/// scale of the row gets a code in 0..=255 and the largest one about code 255. 0 for a row of
-/// zero scales. `max_abs` must be finite and >= 0.
+/// the FP16 value nearest `max_abs * 256 / 255`, so the largest scale gets code 255 (its FP16
+/// rounding moves that by under 0.13 of a code) and every other one a code in 0..=255. 0 for a
+/// row of zero scales; capped at 65504 (larger scales then clamp to code 255). `max_abs` must
+/// be finite and >= 0.
 pub fn row_scale_for(max_abs: f32) -> f16 {
     if max_abs <= 0.0 || max_abs.is_nan() {
         return f16::ZERO;
