@@ -1159,3 +1159,22 @@ def test_set_and_get_num_threads():
     finally:
         pp.set_num_threads(before)
     assert isinstance(_core.cpu_kernel(), str) and _core.cpu_kernel()
+
+
+@FEW
+@given(n=st.integers(1, 23), k=st.sampled_from(AWKWARD_K), b=st.sampled_from(BLOCK_SIZES), seed=st.integers(0, 2**32 - 1))
+def test_parts_round_trip_keeps_the_row_scales(n, k, b, seed):
+    """to_parts / from_parts give back the same matrix, array for array: the dense spelling
+    carries the FP16 row scales, and from_parts keeps a row's scale when its scales fit."""
+    from predprey_rs import _synth
+
+    p = _synth.random_packed(np.random.default_rng(seed), n, k, block_size=b, plane2=0.5, predators=0.05)
+    parts = _core.to_parts(p)
+    q = _core.from_parts(b, parts["t1"], parts["s1"], parts["p2"], parts["t2"], parts["s2"], parts["pred"],
+                         parts["row_scales"])
+    for name, a in p.arrays().items():
+        np.testing.assert_array_equal(q.arrays()[name], a, err_msg=name)
+    # Without the row scales a fresh grid is chosen: the same weights up to half a step.
+    r = _core.from_parts(b, parts["t1"], parts["s1"], parts["p2"], parts["t2"], parts["s2"], parts["pred"])
+    half_step = p.arrays()["row_scales"].astype(np.float64)[:, None] / 512 * 1.01 + 1e-30
+    assert (np.abs(pp.decompress(r).astype(np.float64) - pp.decompress(p)) <= half_step * 2 + 1e-6 * np.abs(pp.decompress(p))).all()
