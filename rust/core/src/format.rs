@@ -34,18 +34,20 @@ pub const MAX_SCALE_CODE: u8 = 255;
 pub const SCALE_DIV: f32 = 256.0;
 
 /// The FP16 row scale `u` for a row whose largest block scale (either plane) is `max_abs`:
-/// the FP16 value nearest `max_abs * 256 / 255`, so the largest scale gets code 255 (its FP16
-/// rounding moves that by under 0.13 of a code) and every other one a code in 0..=255. 0 for a
-/// row of zero scales; capped at 65504 (larger scales then clamp to code 255). `max_abs` must
-/// be finite and >= 0.
+/// the FP16 value nearest `max_abs * 256 / 255` (one step above it where that would put the
+/// largest scale past code 255.5, which only a coarse subnormal `u` can), so every block scale
+/// of the row rounds to its nearest code in 0..=255, the largest to about 255. 0 for a row of
+/// zero scales; capped at 65504 (larger scales then clamp to code 255). `max_abs` must be
+/// finite and >= 0.
 pub fn row_scale_for(max_abs: f32) -> f16 {
     if max_abs <= 0.0 || max_abs.is_nan() {
         return f16::ZERO;
     }
-    let u = f16::from_f32((max_abs * (SCALE_DIV / MAX_SCALE_CODE as f32)).min(65504.0));
-    if u.to_f32() == 0.0 {
-        // Below FP16's smallest subnormal: the row's scales round to 0 anyway.
-        return f16::from_bits(1);
+    let mut u = f16::from_f32((max_abs * (SCALE_DIV / MAX_SCALE_CODE as f32)).min(65504.0));
+    // Rounded down so far (a subnormal u is coarse) that the largest scale would clamp at 255:
+    // one FP16 step up, so it rounds to its nearest code like every other scale.
+    while max_abs * SCALE_DIV > (MAX_SCALE_CODE as f32 + 0.5) * u.to_f32() && u < f16::MAX {
+        u = f16::from_bits(u.to_bits() + 1);
     }
     u
 }
@@ -1019,11 +1021,12 @@ mod tests {
 
     #[test]
     fn scale_codes_round_to_the_row_grid() {
-        for &m in &[1e-6f32, 3e-4, 0.02, 1.0, 7.5, 3000.0, 60000.0] {
+        for &m in &[1e-9f32, 1e-6, 1.01e-6, 3e-4, 0.02, 1.0, 7.5, 3000.0, 60000.0] {
             let u = row_scale_for(m);
             assert!(u.to_f32() > 0.0 && u.is_finite());
             let q = scale_code(m, u);
             assert!(q >= 254 || m < 1e-5, "max scale {m} got code {q}");
+            assert!(m * SCALE_DIV <= 255.5 * u.to_f32(), "max scale {m} clamps under {u}");
             // Rounding error at most half a step (plus FP16 rounding of u, relative 2^-11).
             for f in [1.0f32, 0.77, 0.5, 0.1, 0.013] {
                 let s = m * f;
