@@ -46,10 +46,23 @@ pub fn row_scale_for(max_abs: f32) -> f16 {
     let mut u = f16::from_f32((max_abs * (SCALE_DIV / MAX_SCALE_CODE as f32)).min(65504.0));
     // Rounded down so far (a subnormal u is coarse) that the largest scale would clamp at 255:
     // one FP16 step up, so it rounds to its nearest code like every other scale.
-    while max_abs * SCALE_DIV > (MAX_SCALE_CODE as f32 + 0.5) * u.to_f32() && u < f16::MAX {
+    while !fits_row_scale(max_abs, u) && u < f16::MAX {
         u = f16::from_bits(u.to_bits() + 1);
     }
     u
+}
+
+/// Whether a row whose largest block scale is `max_abs` fits under row scale `u`: its largest
+/// scale rounds to a code <= 255 (`max_abs * 256 / u <= 255.5`), nothing clamps.
+pub fn fits_row_scale(max_abs: f32, u: f16) -> bool {
+    max_abs * SCALE_DIV <= (MAX_SCALE_CODE as f32 + 0.5) * u.to_f32()
+}
+
+/// The unit of row scale `u`: `u / 256` as float32 (exact), what one step of a scale code is
+/// worth. A block scale is `row_unit(u) * code` (`scale_value`).
+#[inline]
+pub fn row_unit(u: f16) -> f32 {
+    u.to_f32() * (1.0 / SCALE_DIV)
 }
 
 /// The 8-bit code of block scale `s` (>= 0) under row scale `u`: round(s * 256 / u), clamped
@@ -65,7 +78,7 @@ pub fn scale_code(s: f32, u: f16) -> u8 {
 /// The block scale that code `q` stands for under row scale `u` (the exact float32 product).
 #[inline]
 pub fn scale_value(q: u8, u: f16) -> f32 {
-    u.to_f32() * (1.0 / SCALE_DIV) * q as f32
+    row_unit(u) * q as f32
 }
 
 const fn build_digits() -> [[u8; 5]; 256] {
@@ -755,16 +768,12 @@ impl PackedMatrix {
             for e in self.p2_range(g) {
                 let blk = self.p2_block[e] as usize;
                 p.p2[g * nb + blk] = true;
-                for i in 0..ROWS_PER_GROUP {
-                    let r = g * ROWS_PER_GROUP + i;
-                    if r >= n {
-                        break;
-                    }
+                for r in g * ROWS_PER_GROUP..((g + 1) * ROWS_PER_GROUP).min(n) {
                     p.s2[r * nb + blk] = self.p2_scale(e, r);
                     for kk in 0..d.block_size {
                         let c = blk * d.block_size + kk;
                         if c < k {
-                            p.t2[r * k + c] = DIGITS[self.p2_codes[e * d.block_size + kk] as usize][i] as i8 - 1;
+                            p.t2[r * k + c] = DIGITS[self.p2_codes[e * d.block_size + kk] as usize][r % ROWS_PER_GROUP] as i8 - 1;
                         }
                     }
                 }
@@ -776,9 +785,10 @@ impl PackedMatrix {
     /// Packs a dense spelling. Block scales (finite, |s| <= 65504) become 8-bit codes under one
     /// FP16 row scale per row (`scale_code`): the given `row_scales[r]` when there are some and
     /// every |s| of the row fits under it (code <= 255), else `row_scale_for` the row's largest
-    /// |s| over both planes' cells. So `from_parts(to_parts(m)) == m`; a negative scale is stored as |s| with its block's codes negated (the
-    /// same weights). Predator values are rounded to FP16. Codes must be -1/0/+1, zero under
-    /// predators and zero in plane 2 outside its cells. The result is validated.
+    /// |s| over both planes' cells. So `from_parts(to_parts(m)) == m`. A negative scale is
+    /// stored as |s| with its block's codes negated (the same weights). Predator values are
+    /// rounded to FP16. Codes must be -1/0/+1, zero under predators and zero in plane 2 outside
+    /// its cells. The result is validated.
     pub fn from_parts(p: &Parts) -> Result<PackedMatrix, FormatError> {
         let d = Dims::new(p.rows, p.cols, p.block_size)?;
         let (n, k, nb, b, kp) = (p.rows, p.cols, d.n_blocks, d.block_size, d.padded_cols);
@@ -807,7 +817,7 @@ impl PackedMatrix {
             let m2 = (0..nb).filter(|&blk| p.p2[g * nb + blk]).fold(0f32, |a, blk| a.max(p.s2[r * nb + blk].abs()));
             let m = m1.max(m2);
             match p.row_scales.get(r).map(|&u| f16::from_f32(u)) {
-                Some(u) if u.is_finite() && u.to_f32() > 0.0 && m * SCALE_DIV <= (MAX_SCALE_CODE as f32 + 0.5) * u.to_f32() => u,
+                Some(u) if u.is_finite() && u.to_f32() > 0.0 && fits_row_scale(m, u) => u,
                 _ => row_scale_for(m),
             }
         }).collect();
@@ -816,7 +826,7 @@ impl PackedMatrix {
         let mut m = PackedMatrix {
             rows: n, cols: k, block_size: b, codes: vec![ZERO_CODE_BYTE; d.n_groups * kp],
             scales: (0..n * nb).map(|j| scale_code(p.s1[j].abs(), row_scales[j / nb])).collect(),
-            row_scales: row_scales.clone(),
+            row_scales,
             p2_ptr: vec![0], p2_block: vec![], p2_scales: vec![], p2_codes: vec![],
             out_ptr: vec![0], out_cols: vec![], out_vals: vec![],
         };
@@ -858,7 +868,7 @@ impl PackedMatrix {
                         continue;
                     }
                     let s2 = p.s2[r * nb + blk];
-                    m.p2_scales.push(scale_code(s2.abs(), row_scales[r]));
+                    m.p2_scales.push(scale_code(s2.abs(), m.row_scales[r]));
                     for kk in 0..b.min(k - blk * b) {
                         let t = p.t2[r * k + blk * b + kk];
                         codes[kk] = (codes[kk] as i16 + sign(s2) * t as i16 * POW3[i] as i16) as u8;
@@ -1027,6 +1037,7 @@ mod tests {
             let q = scale_code(m, u);
             assert!(q >= 254 || m < 1e-5, "max scale {m} got code {q}");
             assert!(m * SCALE_DIV <= 255.5 * u.to_f32(), "max scale {m} clamps under {u}");
+            assert!(fits_row_scale(m, u));
             // Rounding error at most half a step (plus FP16 rounding of u, relative 2^-11).
             for f in [1.0f32, 0.77, 0.5, 0.1, 0.013] {
                 let s = m * f;

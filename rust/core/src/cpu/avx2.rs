@@ -10,7 +10,7 @@
 #![allow(clippy::needless_range_loop)] // index loops over rows / batch vectors / lanes read best here
 
 use super::{Activations, Ctx, Scratch, BATCH_TILE};
-use crate::format::{ROWS_PER_GROUP, SCALE_DIV};
+use crate::format::{scale_value, ROWS_PER_GROUP};
 use core::arch::x86_64::*;
 
 const R: usize = ROWS_PER_GROUP;
@@ -90,9 +90,9 @@ unsafe fn group<const NB: usize, const INT8: bool>(c: &Ctx, g: usize, b0: usize,
             dst.fill(0.0);
             continue;
         }
-        let unit = p.row_scales[r].to_f32() * (1.0 / SCALE_DIV);
+        let u = p.row_scales[r];
         for (d, &q) in dst.iter_mut().zip(&p.scales[r * nb..(r + 1) * nb]) {
-            *d = unit * q as f32;
+            *d = scale_value(q, u);
         }
     }
     let xf: [&[f32]; NB] = core::array::from_fn(|b| c.x.xf(b0 + b));

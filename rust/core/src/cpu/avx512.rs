@@ -18,7 +18,7 @@
 #![allow(clippy::needless_range_loop)] // index loops over rows / batch vectors / lanes read best here
 
 use super::{Activations, Ctx, Scratch, BATCH_TILE};
-use crate::format::{ROWS_PER_GROUP, SCALE_DIV};
+use crate::format::{row_unit, ROWS_PER_GROUP};
 use core::arch::x86_64::*;
 
 const R: usize = ROWS_PER_GROUP;
@@ -776,7 +776,7 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
         for b in 0..NB {
             let mut y = _mm512_reduce_add_ps(acc[i][b]);
             if r < p.rows {
-                y *= p.row_scales[r].to_f32() * (1.0 / SCALE_DIV);
+                y *= row_unit(p.row_scales[r]);
                 // SAFETY: x.xf[b] holds `stride` floats (Ctx sizes).
                 y += unsafe { predators(c, r, x.xf[b]) };
             }
