@@ -5,12 +5,15 @@
 //!
 //! * one sort by |x| per block; the one-plane fit with m = 0 predators is the first step of the
 //!   predator sequence and is reused as plane 1 of the joint fit;
-//! * predators come off a compacted list sorted by |x| (the usual one, the largest, is a pointer
-//!   bump), the error scan is branch-free;
+//! * the sorted list's prefix sums are computed once; taking a predator subtracts it from the
+//!   later prefixes and masks its own (no rescan), the gain and error scans are branch-free;
 //! * the residual `x - s1 t1` is ordered by merging the three runs it is already sorted in
 //!   (the support above s1, the support below s1 reversed, the rest) instead of sorting;
-//! * the joint refinement assigns the nearest of the 9 levels with compares and adds (no table
-//!   look-up) and gathers the next least-squares sums in the same pass;
+//! * the joint refinement assigns the nearest of the 9 levels by counting the midpoints below
+//!   each weight (AVX2: 8 compares and a permute per 8 weights) and gathers the next
+//!   least-squares sums in the same pass;
+//! * `block_stats` leaves a `BlockRecord` (predator order, one-plane supports, the joint fit
+//!   so far) from which `fit_recorded` encodes any option without sorting or refitting;
 //! * fixed-size scratch, no allocation per block.
 
 use super::{BlockFit, QuantConfig, NM, PREDATOR_COUNTS, STATS_ITERS};
@@ -23,6 +26,27 @@ const MAXP: usize = PREDATOR_COUNTS[NM - 1];
 
 pub(super) fn round_f16(v: f64) -> f32 {
     f16::from_f64(v).to_f32()
+}
+
+/// What `Fitter::block_stats` learnt about one block that `Fitter::fit_recorded` needs to
+/// encode it with any option without redoing the work (`Analysis` keeps one per block, with
+/// the joint fit's codes beside it, `B / 2` bytes: digit `(u + 1) + 3 (v + 1)` per nibble).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct BlockRecord {
+    /// Predator positions in the order taken.
+    seq: [u8; MAXP],
+    nseq: u8,
+    /// Per predator count: the position of the last (smallest |x|) weight of the one-plane
+    /// support (`u16::MAX` for an empty support), and the plane-1 scale as FP16 bits.
+    thr: [u16; NM],
+    s: [u16; NM],
+    /// Joint two-plane fit without predators (FP16 bits), its error, the refinements it has
+    /// had and whether it stopped by itself; `joint_iters == u8::MAX` when not fitted.
+    a: u16,
+    b: u16,
+    e: f64,
+    joint_iters: u8,
+    converged: bool,
 }
 
 #[inline(always)]
@@ -107,6 +131,16 @@ fn best_support(h: &[f32], hax: &[f64], pa: &mut [f64], ph: &mut [f64], g: &mut 
     (i + 1, pa[i], ph[i])
 }
 
+/// The largest key of `v` and the first position holding it (0 for an empty slice): one
+/// max pass, then a search by chunks of 8 (compares that vectorise, no early exit per item).
+#[inline(always)]
+fn first_max<T, K: Copy + Ord + Default>(v: &[T], key: impl Fn(&T) -> K) -> (K, usize) {
+    let top = v.iter().fold(K::default(), |m, x| m.max(key(x)));
+    let c = v.chunks(8).position(|c| c.iter().fold(false, |f, x| f | (key(x) == top))).unwrap_or(0);
+    let i = v[c * 8..].iter().position(|x| key(x) == top).unwrap_or(0);
+    (top, c * 8 + i)
+}
+
 /// `sum h x^2` in index order.
 #[inline(always)]
 fn energy(x: &[f32], h: &[f32]) -> f64 {
@@ -149,18 +183,22 @@ pub struct Fitter {
     l_h: [f32; MAXB],
     l_hax: [f64; MAXB],
     l_idx: [u8; MAXB],
-    lo: usize,
-    len: usize,
+    /// 1 for the weights of the sorted list not taken as predators, 0 for those taken.
+    live: [f32; MAXB],
+    /// Error scan keys (error bits + 1, 0 for predators).
+    ek: [u32; MAXB],
     /// Predator positions in the order they were taken.
     seq: [u8; MAXP],
+    /// Their positions in the sorted list.
+    seq_pos: [u8; MAXP],
     nseq: usize,
     /// One-plane fit without predators: (support, scale).
     full: (usize, f32),
-    /// One-plane fit after the last predator: (support, scale, error without predators).
-    last: (usize, f32, f64),
+    /// One-plane fit after the last predator: (support threshold as in `BlockRecord`, scale,
+    /// error without predators).
+    last: (u16, f32, f64),
     /// The block, zero-padded to whole chunks of 8.
     xs: [f32; MAXB],
-    e_tmp: [f32; MAXB],
     pa: [f64; MAXB],
     ph: [f64; MAXB],
     g: [f64; MAXB],
@@ -177,6 +215,14 @@ pub struct Fitter {
     t2: [i8; MAXB],
     /// Whether the last `refine` stopped before its iteration limit (no step improved).
     converged: bool,
+    /// Per predator count of the last `predators`: (support threshold position, scale), as
+    /// in `BlockRecord`.
+    one: [(u16, f32); NM],
+    /// The joint fit of the last `block_stats`: (a, b, err, refinements; u8::MAX = none).
+    joint: (f32, f32, f64, u8),
+    /// Set by the entry points: the CPU has AVX2 and the explicit AVX2 loops may run (the
+    /// baseline builds clear it, so tests compare the two).
+    avx2: bool,
 }
 
 impl Default for Fitter {
@@ -197,14 +243,14 @@ impl Fitter {
             l_h: [0.0; MAXB],
             l_hax: [0.0; MAXB],
             l_idx: [0; MAXB],
-            lo: 0,
-            len: 0,
+            live: [0.0; MAXB],
+            ek: [0; MAXB],
             seq: [0; MAXP],
+            seq_pos: [0; MAXP],
             nseq: 0,
             full: (0, 0.0),
             last: (0, 0.0, 0.0),
             xs: [0.0; MAXB],
-            e_tmp: [0.0; MAXB],
             pa: [0.0; MAXB],
             ph: [0.0; MAXB],
             g: [0.0; MAXB],
@@ -218,6 +264,9 @@ impl Fitter {
             t1: [0; MAXB],
             t2: [0; MAXB],
             converged: false,
+            one: [(u16::MAX, 0.0); NM],
+            joint: (0.0, 0.0, 0.0, u8::MAX),
+            avx2: false,
         }
     }
 
@@ -246,54 +295,74 @@ impl Fitter {
             self.l_h[p] = h[k];
             self.l_hax[p] = h[k] as f64 * ax as f64;
         }
-        self.lo = 0;
-        self.len = n;
         self.nseq = 0;
+        // Prefix sums of the sorted list; a predator taken out at position j is subtracted
+        // from every later prefix (no serial rescan), and its own prefix is masked out.
+        let (mut a, mut hs) = (0f64, 0f64);
+        for p in 0..n {
+            a += self.l_hax[p];
+            hs += self.l_h[p] as f64;
+            self.pa[p] = a;
+            self.ph[p] = hs;
+            self.live[p] = 1.0;
+        }
         let mut total = energy(x, h);
         let mut perr = 0f64;
         let mut e1 = [f64::INFINITY; NM];
         let mut ci = 0;
         for m in 0..=max_m {
-            let (lo, len) = (self.lo, self.len);
-            let (support, ba, bh) = best_support(&self.l_h[lo..lo + len], &self.l_hax[lo..lo + len], &mut self.pa, &mut self.ph, &mut self.g);
+            // Best support: the prefix (of the weights left) with the largest (sum h|x|)^2 / sum h,
+            // the first on ties; gains are >= 0, so their bits order like their values.
+            for p in 0..n {
+                let (a, hs) = (self.pa[p], self.ph[p]);
+                self.g[p] = if self.live[p] > 0.0 && hs > 0.0 { a * a / hs } else { 0.0 };
+            }
+            let (top, i) = first_max(&self.g[..n], |v| v.to_bits());
+            let pos = if top == 0 { None } else { Some(i) };
+            let (support, ba, bh) = match pos {
+                Some(i) => (i + 1 - self.seq_pos[..self.nseq].iter().filter(|&&q| q as usize <= i).count(), self.pa[i], self.ph[i]),
+                None => (0, 0.0, 0.0),
+            };
             let s = if support > 0 { round_f16(ba / bh) } else { 0.0 };
             // sum_S h (|x| - s)^2 + sum_notS h x^2, expanded; exact for the rounded s.
             let err = (total - 2.0 * s as f64 * ba + (s as f64) * (s as f64) * bh).max(0.0);
             if m == 0 {
                 self.full = (support, s);
             }
-            self.last = (support, s, err);
+            let thr = pos.map_or(u16::MAX, |i| self.l_idx[i] as u16);
+            self.last = (thr, s, err);
             if ci < NM && PREDATOR_COUNTS[ci] == m {
                 e1[ci] = err + perr;
+                self.one[ci] = (thr, s);
                 ci += 1;
             }
-            if m == max_m || len == 0 {
+            if m == max_m || self.nseq == n {
                 break;
             }
-            // Largest weighted error: h (|x| - s)^2 inside the support, h x^2 outside. Errors
-            // are >= 0, so their bits order like their values; the first largest wins.
-            let (ax, hh, et) = (&self.l_ax[lo..lo + len], &self.l_h[lo..lo + len], &mut self.e_tmp[..len]);
-            for (i, e) in et.iter_mut().enumerate() {
-                let d = ax[i] - if i < support { s } else { 0.0 };
-                *e = hh[i] * d * d;
+            // Largest weighted error among the weights left: h (|x| - s)^2 inside the support
+            // (positions up to the best prefix), h x^2 outside; as bits + 1 (0 for the weights
+            // taken), the first largest wins.
+            let last_in = pos.map_or(0, |i| i + 1);
+            for p in 0..n {
+                let d = self.l_ax[p] - if p < last_in { s } else { 0.0 };
+                let e = self.l_h[p] * d * d;
+                self.ek[p] = if self.live[p] > 0.0 { e.to_bits() + 1 } else { 0 };
             }
-            let top = et.iter().fold(0u32, |m, e| m.max(e.to_bits()));
-            let j = et.iter().position(|e| e.to_bits() == top).unwrap_or(0);
-            let g = lo + j;
-            let k = self.l_idx[g] as usize;
-            let (axj, hj) = (self.l_ax[g], self.l_h[g]);
+            let (_, j) = first_max(&self.ek[..n], |e| *e);
+            let k = self.l_idx[j] as usize;
+            let (axj, hj) = (self.l_ax[j], self.l_h[j]);
             total -= hj as f64 * (axj as f64) * (axj as f64);
             let d = x[k] as f64 - f16::from_f32(x[k]).to_f64();
             perr += hj as f64 * d * d;
             self.seq[self.nseq] = k as u8;
+            self.seq_pos[self.nseq] = j as u8;
             self.nseq += 1;
-            // Take it out: shift the (usually empty) part before it up by one.
-            self.l_ax.copy_within(lo..g, lo + 1);
-            self.l_h.copy_within(lo..g, lo + 1);
-            self.l_hax.copy_within(lo..g, lo + 1);
-            self.l_idx.copy_within(lo..g, lo + 1);
-            self.lo += 1;
-            self.len -= 1;
+            self.live[j] = 0.0;
+            let (vj, wj) = (self.l_hax[j], hj as f64);
+            for p in j..n {
+                self.pa[p] -= vj;
+                self.ph[p] -= wj;
+            }
         }
         e1
     }
@@ -360,9 +429,16 @@ impl Fitter {
     /// returns the best (a, b, err) seen, with its codes in `u`/`v`.
     #[inline(always)]
     fn refine(&mut self, a0: f32, b0: f32, iters: usize) -> (f32, f32, f64) {
+        self.refine_from(a0, b0, None, iters)
+    }
+
+    /// `refine`, continuing a previous one that ended at (a0, b0) with error `e0` (given, so
+    /// the continuation is the same sequence of steps as one longer refinement).
+    #[inline(always)]
+    fn refine_from(&mut self, a0: f32, b0: f32, e0: Option<f64>, iters: usize) -> (f32, f32, f64) {
         let n8 = (self.n + 7) & !7;
         let (mut ba, mut bb) = (a0, b0);
-        let mut best = {
+        let mut best = if let Some(e) = e0 { e } else {
             let mut acc = [0f64; 8];
             for (((xc, hc), uc), vc) in self.xs[..n8].chunks_exact(8).zip(self.hm[..n8].chunks_exact(8))
                 .zip(self.u[..n8].chunks_exact(8)).zip(self.v[..n8].chunks_exact(8)) {
@@ -399,41 +475,25 @@ impl Fitter {
             let mid: [f32; 8] = std::array::from_fn(|j| 0.5 * (lv[j].0 + lv[j + 1].0));
             let du: [f32; 8] = std::array::from_fn(|j| (lv[j + 1].1 - lv[j].1) as f32);
             let dv: [f32; 8] = std::array::from_fn(|j| (lv[j + 1].2 - lv[j].2) as f32);
-            let (u0, v0) = (lv[0].1 as f32, lv[0].2 as f32);
-            let mut eacc = [0f64; 8];
-            for ((((xc, hc), mc), nuc), nvc) in self.xs[..n8].chunks_exact(8).zip(self.hm[..n8].chunks_exact(8))
-                .zip(self.mk[..n8].chunks_exact(8)).zip(self.nu[..n8].chunks_exact_mut(8)).zip(self.nv[..n8].chunks_exact_mut(8)) {
-                let mut uu = [u0; 8];
-                let mut vv = [v0; 8];
-                for j in 0..8 {
-                    let (dub, dvb, mj) = (du[j].to_bits(), dv[j].to_bits(), mid[j]);
-                    for l in 0..8 {
-                        // All ones where x is above the midpoint: adds the step, else +0.
-                        let above = ((xc[l] > mj) as u32).wrapping_neg();
-                        uu[l] += f32::from_bits(dub & above);
-                        vv[l] += f32::from_bits(dvb & above);
-                    }
-                }
-                let mut e = [0f32; 8];
-                for l in 0..8 {
-                    uu[l] *= mc[l];
-                    vv[l] *= mc[l];
-                    let d = xc[l] - (a * uu[l] + b * vv[l]);
-                    e[l] = hc[l] * d * d;
-                }
-                nuc.copy_from_slice(&uu);
-                nvc.copy_from_slice(&vv);
-                for l in 0..8 {
-                    eacc[l] += e[l] as f64;
-                }
-            }
+            let lu: [f32; 9] = std::array::from_fn(|j| lv[j].1 as f32);
+            let lw: [f32; 9] = std::array::from_fn(|j| lv[j].2 as f32);
+            #[cfg(target_arch = "x86_64")]
+            let eacc = if self.avx2 {
+                // SAFETY: `avx2` is set only by entry points that checked the CPU has AVX2.
+                unsafe { assign_avx2(&self.xs[..n8], &self.hm[..n8], &self.mk[..n8], &mut self.nu[..n8], &mut self.nv[..n8], &mid, &lu, &lw, a, b) }
+            } else {
+                self.assign((lu[0], lw[0]), &mid, &du, &dv, a, b)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let eacc = self.assign((lu[0], lw[0]), &mid, &du, &dv, a, b);
             let e = lanes8(eacc);
             if e < best {
                 best = e;
                 ba = a;
                 bb = b;
-                std::mem::swap(&mut self.u, &mut self.nu);
-                std::mem::swap(&mut self.v, &mut self.nv);
+                // Only the block's part (swapping the whole arrays would move 4 KiB).
+                self.u[..n8].swap_with_slice(&mut self.nu[..n8]);
+                self.v[..n8].swap_with_slice(&mut self.nv[..n8]);
                 sums = ls_sums(&self.xs[..n8], &self.hm[..n8], &self.u[..n8], &self.v[..n8]);
             } else {
                 self.converged = true;
@@ -443,6 +503,43 @@ impl Fitter {
         (ba, bb, best)
     }
 
+    /// Assigns each weight the nearest of the 9 levels (codes to `nu`/`nv`, 0 at predators)
+    /// and returns the per-lane weighted squared errors: the code is the lowest level's plus
+    /// the steps `du`/`dv` of every midpoint `mid` below the weight (the midpoints ascend).
+    #[inline(always)]
+    fn assign(&mut self, lowest: (f32, f32), mid: &[f32; 8], du: &[f32; 8], dv: &[f32; 8], a: f32, b: f32) -> [f64; 8] {
+        let n8 = (self.n + 7) & !7;
+        let (u0, v0) = lowest;
+        let mut eacc = [0f64; 8];
+        for ((((xc, hc), mc), nuc), nvc) in self.xs[..n8].chunks_exact(8).zip(self.hm[..n8].chunks_exact(8))
+            .zip(self.mk[..n8].chunks_exact(8)).zip(self.nu[..n8].chunks_exact_mut(8)).zip(self.nv[..n8].chunks_exact_mut(8)) {
+            let mut uu = [u0; 8];
+            let mut vv = [v0; 8];
+            for j in 0..8 {
+                let (dub, dvb, mj) = (du[j].to_bits(), dv[j].to_bits(), mid[j]);
+                for l in 0..8 {
+                    // All ones where x is above the midpoint: adds the step, else +0.
+                    let above = ((xc[l] > mj) as u32).wrapping_neg();
+                    uu[l] += f32::from_bits(dub & above);
+                    vv[l] += f32::from_bits(dvb & above);
+                }
+            }
+            let mut e = [0f32; 8];
+            for l in 0..8 {
+                uu[l] *= mc[l];
+                vv[l] *= mc[l];
+                let d = xc[l] - (a * uu[l] + b * vv[l]);
+                e[l] = hc[l] * d * d;
+            }
+            nuc.copy_from_slice(&uu);
+            nvc.copy_from_slice(&vv);
+            for l in 0..8 {
+                eacc[l] += e[l] as f64;
+            }
+        }
+        eacc
+    }
+
     /// Errors of every (predator count, planes) option of one block: `[planes-1][count idx]`.
     /// One-plane errors are exact. Two-plane errors are upper bounds of what `fit` returns:
     /// the m = 0 joint fit with the predators' own errors taken out (`fit` then refines, which
@@ -450,6 +547,7 @@ impl Fitter {
     pub fn block_stats(&mut self, x: &[f32], h: &[f32], cfg: &QuantConfig) -> [[f32; NM]; 2] {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") {
+            self.avx2 = true;
             // SAFETY: the CPU has AVX2 (checked just above), all `block_stats_avx2` requires.
             return unsafe { block_stats_avx2(self, x, h, cfg) };
         }
@@ -458,18 +556,26 @@ impl Fitter {
 
     /// `block_stats` compiled for the baseline CPU (the reference of the AVX2 build; both
     /// do the same operations in the same order, so they agree bit for bit).
-    #[inline(always)]
     pub(crate) fn block_stats_scalar(&mut self, x: &[f32], h: &[f32], cfg: &QuantConfig) -> [[f32; NM]; 2] {
+        self.avx2 = false;
+        self.block_stats_impl(x, h, cfg)
+    }
+
+    #[inline(always)]
+    fn block_stats_impl(&mut self, x: &[f32], h: &[f32], cfg: &QuantConfig) -> [[f32; NM]; 2] {
         let max_m = if cfg.allow_predators { MAXP.min(x.len()) } else { 0 };
         let e1 = self.predators(x, h, max_m);
         let mut out = [[f32::INFINITY; NM]; 2];
         for ci in 0..NM {
             out[0][ci] = e1[ci] as f32;
         }
+        self.joint.3 = u8::MAX;
         if cfg.allow_plane2 {
             // Fewer refinements than `fit` does: `fit` continues the same sequence, so these
             // stay upper bounds.
-            let (a, b, e0) = self.two_planes(x, h, cfg.joint_iters.min(STATS_ITERS));
+            let iters = cfg.joint_iters.min(STATS_ITERS);
+            let (a, b, e0) = self.two_planes(x, h, iters);
+            self.joint = (a, b, e0, iters as u8);
             let (mut removed, mut perr) = (0f64, 0f64);
             let mut m = 0;
             for (ci, &cnt) in PREDATOR_COUNTS.iter().enumerate() {
@@ -495,6 +601,7 @@ impl Fitter {
     pub(crate) fn fit_in_place(&mut self, x: &[f32], h: &[f32], m: usize, planes: usize, cfg: &QuantConfig) -> (f32, f32, f64) {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") {
+            self.avx2 = true;
             // SAFETY: the CPU has AVX2 (checked just above), all `fit_avx2` requires.
             return unsafe { fit_avx2(self, x, h, m, planes, cfg) };
         }
@@ -502,8 +609,13 @@ impl Fitter {
     }
 
     /// `fit_in_place` compiled for the baseline CPU (see `block_stats_scalar`).
-    #[inline(always)]
     pub(crate) fn fit_scalar(&mut self, x: &[f32], h: &[f32], m: usize, planes: usize, cfg: &QuantConfig) -> (f32, f32, f64) {
+        self.avx2 = false;
+        self.fit_impl(x, h, m, planes, cfg)
+    }
+
+    #[inline(always)]
+    fn fit_impl(&mut self, x: &[f32], h: &[f32], m: usize, planes: usize, cfg: &QuantConfig) -> (f32, f32, f64) {
         let n = x.len();
         self.predators(x, h, m.min(n));
         let (s1, s2, err) = if planes == 2 {
@@ -525,13 +637,9 @@ impl Fitter {
             }
             r
         } else {
-            let (sup, s, e) = self.last;
-            self.t1[..n].fill(0);
-            self.t2[..n].fill(0);
-            for p in self.lo..self.lo + sup {
-                let k = self.l_idx[p] as usize;
-                self.t1[k] = sign(x[k]) as i8;
-            }
+            let (thr, s, e) = self.last;
+            let seq = self.seq;
+            self.one_plane_codes(x, thr, &seq[..self.nseq]);
             (s, 0.0, e)
         };
         let perr: f64 = self.seq[..self.nseq].iter().map(|&k| {
@@ -540,6 +648,111 @@ impl Fitter {
             h[k] as f64 * d * d
         }).sum();
         (s1, s2, err + perr)
+    }
+
+    /// The record of the last `block_stats` on `x` (see `BlockRecord`); the joint fit's codes
+    /// go to `codes` (`x.len().div_ceil(2)` bytes).
+    pub(crate) fn record(&self, codes: &mut [u8]) -> BlockRecord {
+        let n = self.n;
+        let mut r = BlockRecord { seq: self.seq, nseq: self.nseq as u8, ..Default::default() };
+        for ci in 0..NM {
+            r.thr[ci] = self.one[ci].0;
+            r.s[ci] = f16::from_f32(self.one[ci].1).to_bits();
+        }
+        let (a, b, e, it) = self.joint;
+        (r.a, r.b, r.e, r.joint_iters, r.converged) = (f16::from_f32(a).to_bits(), f16::from_f32(b).to_bits(), e, it, self.converged);
+        if it != u8::MAX {
+            for (i, c) in codes[..n.div_ceil(2)].iter_mut().enumerate() {
+                let dg = |k: usize| if k < n { (self.u[k] + 1.0) as u8 + 3 * (self.v[k] + 1.0) as u8 } else { 0 };
+                *c = dg(2 * i) | (dg(2 * i + 1) << 4);
+            }
+        }
+        r
+    }
+
+    /// `fit_in_place` of the block `block_stats` recorded in `rec` (with `codes`), at the cost
+    /// of the encoding alone: the same codes and scales, without sorting, taking predators or
+    /// fitting the joint planes again. `m` must be a count the record has (<= its predators).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn fit_recorded(&mut self, x: &[f32], h: &[f32], rec: &BlockRecord, codes: &[u8], m: usize, planes: usize, cfg: &QuantConfig) -> (f32, f32) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            self.avx2 = true;
+            // SAFETY: the CPU has AVX2 (checked just above), all `fit_recorded_avx2` requires.
+            return unsafe { fit_recorded_avx2(self, x, h, rec, codes, m, planes, cfg) };
+        }
+        self.avx2 = false;
+        self.fit_recorded_impl(x, h, rec, codes, m, planes, cfg)
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn fit_recorded_impl(&mut self, x: &[f32], h: &[f32], rec: &BlockRecord, codes: &[u8], m: usize, planes: usize, cfg: &QuantConfig) -> (f32, f32) {
+        let n = x.len();
+        let ci = PREDATOR_COUNTS.iter().position(|&c| c == m);
+        if ci.is_none() || m > rec.nseq as usize || (planes == 2 && rec.joint_iters == u8::MAX) {
+            // Nothing recorded for this option: fit it from scratch.
+            let (s1, s2, _) = self.fit_impl(x, h, m, planes, cfg);
+            return (s1, s2);
+        }
+        self.n = n;
+        self.seq = rec.seq;
+        self.nseq = m;
+        if planes == 2 {
+            let n8 = (n + 7) & !7;
+            self.xs[..n].copy_from_slice(x);
+            self.xs[n..n8].fill(0.0);
+            for k in 0..n8 {
+                let d = if k < n { (codes[k / 2] >> (4 * (k % 2))) & 15 } else { 4 };
+                self.u[k] = (d % 3) as f32 - 1.0;
+                self.v[k] = (d / 3) as f32 - 1.0;
+            }
+            self.mk[..n].fill(1.0);
+            self.mk[n..n8].fill(0.0);
+            self.hm[..n].copy_from_slice(h);
+            self.hm[n..n8].fill(0.0);
+            // `two_planes(x, h, cfg.joint_iters)` as the record's shorter one continued.
+            let (mut a, mut b, mut e) = (f16::from_bits(rec.a).to_f32(), f16::from_bits(rec.b).to_f32(), rec.e);
+            self.converged = rec.converged;
+            let more = cfg.joint_iters.saturating_sub(rec.joint_iters as usize);
+            if !rec.converged && more > 0 {
+                (a, b, e) = self.refine_from(a, b, Some(e), more);
+            }
+            for i in 0..m {
+                let k = self.seq[i] as usize;
+                self.mk[k] = 0.0;
+                self.hm[k] = 0.0;
+                self.u[k] = 0.0;
+                self.v[k] = 0.0;
+            }
+            let (s1, s2, _) = if m == 0 && self.converged { (a, b, e) } else { self.refine(a, b, cfg.joint_iters.max(1)) };
+            for k in 0..n {
+                self.t1[k] = self.u[k] as i8;
+                self.t2[k] = self.v[k] as i8;
+            }
+            (s1, s2)
+        } else {
+            let ci = ci.unwrap_or(0);
+            self.one_plane_codes(x, rec.thr[ci], &rec.seq[..m]);
+            (f16::from_bits(rec.s[ci]).to_f32(), 0.0)
+        }
+    }
+
+    /// One-plane codes to `t1` (`t2` cleared): sign(x) on the support, the weights other than
+    /// `preds` whose |x| (ties: position) is at least that of the threshold weight `thr`
+    /// (`u16::MAX`: empty support).
+    #[inline(always)]
+    fn one_plane_codes(&mut self, x: &[f32], thr: u16, preds: &[u8]) {
+        let n = x.len();
+        let thr = thr as usize;
+        let kt = if thr < n { key(x[thr], thr) } else { u64::MAX };
+        for (k, t) in self.t1[..n].iter_mut().enumerate() {
+            *t = if key(x[k], k) >= kt { sign(x[k]) as i8 } else { 0 };
+        }
+        for &k in preds {
+            self.t1[k as usize] = 0;
+        }
+        self.t2[..n].fill(0);
     }
 
     /// Plane codes of the last `fit_in_place`, one per block column.
@@ -567,14 +780,62 @@ impl Fitter {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn block_stats_avx2(f: &mut Fitter, x: &[f32], h: &[f32], cfg: &QuantConfig) -> [[f32; NM]; 2] {
-    f.block_stats_scalar(x, h, cfg)
+    f.block_stats_impl(x, h, cfg)
+}
+
+/// `Fitter::fit_recorded_scalar` compiled with AVX2. Callers must check that the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn fit_recorded_avx2(f: &mut Fitter, x: &[f32], h: &[f32], rec: &BlockRecord, codes: &[u8], m: usize, planes: usize, cfg: &QuantConfig) -> (f32, f32) {
+    f.fit_recorded_impl(x, h, rec, codes, m, planes, cfg)
 }
 
 /// `Fitter::fit_scalar` compiled with AVX2. Callers must check that the CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn fit_avx2(f: &mut Fitter, x: &[f32], h: &[f32], m: usize, planes: usize, cfg: &QuantConfig) -> (f32, f32, f64) {
-    f.fit_scalar(x, h, m, planes, cfg)
+    f.fit_impl(x, h, m, planes, cfg)
+}
+
+/// `Fitter::assign` with AVX2, 8 weights at a time: the count of midpoints below each weight
+/// (8 compares) picks its codes from the sorted levels' codes `lu`/`lw` with one permute each
+/// (a count of 8, the top level, by a blend): the codes `assign`'s step sums reach, exactly.
+/// Then the same products, in the same order, for the errors. Callers must check AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn assign_avx2(xs: &[f32], hm: &[f32], mk: &[f32], nu: &mut [f32], nv: &mut [f32], mid: &[f32; 8], lu: &[f32; 9], lw: &[f32; 9], a: f32, b: f32) -> [f64; 8] {
+    use std::arch::x86_64::*;
+    let n8 = xs.len();
+    assert!(n8 & 7 == 0 && hm.len() == n8 && mk.len() == n8 && nu.len() == n8 && nv.len() == n8);
+    let (tu, tw) = (_mm256_loadu_ps(lu.as_ptr()), _mm256_loadu_ps(lw.as_ptr()));
+    let (tu8, tw8) = (_mm256_set1_ps(lu[8]), _mm256_set1_ps(lw[8]));
+    let mids: [__m256; 8] = std::array::from_fn(|j| _mm256_set1_ps(mid[j]));
+    let eight = _mm256_set1_epi32(8);
+    let (va, vb) = (_mm256_set1_ps(a), _mm256_set1_ps(b));
+    let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+    for c in (0..n8).step_by(8) {
+        let x = _mm256_loadu_ps(xs.as_ptr().add(c));
+        let mut cnt = _mm256_setzero_si256();
+        for m in &mids {
+            cnt = _mm256_sub_epi32(cnt, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(x, *m)));
+        }
+        let top = _mm256_castsi256_ps(_mm256_cmpeq_epi32(cnt, eight));
+        let mkc = _mm256_loadu_ps(mk.as_ptr().add(c));
+        let uu = _mm256_mul_ps(_mm256_blendv_ps(_mm256_permutevar8x32_ps(tu, cnt), tu8, top), mkc);
+        let vv = _mm256_mul_ps(_mm256_blendv_ps(_mm256_permutevar8x32_ps(tw, cnt), tw8, top), mkc);
+        _mm256_storeu_ps(nu.as_mut_ptr().add(c), uu);
+        _mm256_storeu_ps(nv.as_mut_ptr().add(c), vv);
+        let d = _mm256_sub_ps(x, _mm256_add_ps(_mm256_mul_ps(va, uu), _mm256_mul_ps(vb, vv)));
+        let e = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(hm.as_ptr().add(c)), d), d);
+        lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+        hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(e)));
+    }
+    let mut out = [0f64; 8];
+    _mm256_storeu_pd(out.as_mut_ptr(), lo);
+    _mm256_storeu_pd(out.as_mut_ptr().add(4), hi);
+    out
 }
 
 #[cfg(test)]
