@@ -82,26 +82,39 @@ fn sort_desc(keys: &mut [u64], tmp: &mut [u64]) {
         keys.sort_unstable_by(|a, b| b.cmp(a));
         return;
     }
-    for &ki in keys.iter() {
-        let ki = ki as i64;
-        let rank: i64 = keys.iter().map(|&kj| ((kj as i64) > ki) as i64).sum();
-        tmp[rank as usize] = ki as u64;
+    // Ranks accumulate over j for all i at once (the inner loop is a vector compare and
+    // subtract per 4 or 8 keys, no horizontal sum per key).
+    let mut rank = [0i64; 64];
+    let rank = &mut rank[..n];
+    for &kj in keys.iter() {
+        let kj = kj as i64;
+        for (r, &ki) in rank.iter_mut().zip(keys.iter()) {
+            *r += (kj > ki as i64) as i64;
+        }
+    }
+    for (&r, &k) in rank.iter().zip(keys.iter()) {
+        tmp[r as usize] = k;
     }
     keys.copy_from_slice(tmp);
 }
 
-/// Merges two descending runs of distinct keys into `out`.
+/// Merges two descending runs of distinct non-zero keys into `out` (at most 256 keys), without
+/// branches on the data: each run is copied to scratch (`pa`, `pb`) ahead of a 0 sentinel, so
+/// every step loads both heads, takes the larger and advances its index by the comparison's
+/// 0/1 (the residual's runs interleave unpredictably: a mispredicted branch per key cost more).
 #[inline(always)]
-fn merge_desc(a: &[u64], b: &[u64], out: &mut [u64]) {
-    let (mut i, mut j) = (0, 0);
+fn merge_desc(a: &[u64], b: &[u64], out: &mut [u64], pa: &mut [u64; MAXB + 1], pb: &mut [u64; MAXB + 1]) {
+    pa[..a.len()].copy_from_slice(a);
+    pa[a.len()] = 0;
+    pb[..b.len()].copy_from_slice(b);
+    pb[b.len()] = 0;
+    let (mut i, mut j) = (0usize, 0usize);
     for o in out.iter_mut() {
-        if j == b.len() || (i < a.len() && a[i] > b[j]) {
-            *o = a[i];
-            i += 1;
-        } else {
-            *o = b[j];
-            j += 1;
-        }
+        let (x, y) = (pa[i.min(MAXB)], pb[j.min(MAXB)]);
+        let ta = (x > y) as usize;
+        *o = x.max(y);
+        i += ta;
+        j += 1 - ta;
     }
 }
 
@@ -178,6 +191,9 @@ pub struct Fitter {
     order: [u8; MAXB],
     keys: [u64; MAXB],
     keys2: [u64; MAXB],
+    /// Merge scratch (runs with their sentinels).
+    ma: [u64; MAXB + 1],
+    mb: [u64; MAXB + 1],
     /// The compacted list (sorted by |x|, predators taken out) is `lo..lo + len` of these.
     l_ax: [f32; MAXB],
     l_h: [f32; MAXB],
@@ -239,6 +255,8 @@ impl Fitter {
             order: [0; MAXB],
             keys: [0; MAXB],
             keys2: [0; MAXB],
+            ma: [0; MAXB + 1],
+            mb: [0; MAXB + 1],
             l_ax: [0.0; MAXB],
             l_h: [0.0; MAXB],
             l_hax: [0.0; MAXB],
@@ -393,9 +411,9 @@ impl Fitter {
             let k = self.order[q] as usize;
             self.keys[p] = key(self.resid[k], k);
         }
-        merge_desc(&self.keys[..split], &self.keys[split..sup], &mut self.keys2[..sup]);
+        merge_desc(&self.keys[..split], &self.keys[split..sup], &mut self.keys2[..sup], &mut self.ma, &mut self.mb);
         self.keys2[sup..n].copy_from_slice(&self.keys[sup..n]);
-        merge_desc(&self.keys2[..sup], &self.keys2[sup..n], &mut self.keys[..n]);
+        merge_desc(&self.keys2[..sup], &self.keys2[sup..n], &mut self.keys[..n], &mut self.ma, &mut self.mb);
         let keys = &mut self.keys[..n];
         for i in 1..n {
             let mut j = i;
@@ -477,15 +495,17 @@ impl Fitter {
             let dv: [f32; 8] = std::array::from_fn(|j| (lv[j + 1].2 - lv[j].2) as f32);
             let lu: [f32; 9] = std::array::from_fn(|j| lv[j].1 as f32);
             let lw: [f32; 9] = std::array::from_fn(|j| lv[j].2 as f32);
+            // The AVX2 pass also gathers the candidate's least-squares sums (used if it is kept).
             #[cfg(target_arch = "x86_64")]
-            let eacc = if self.avx2 {
+            let (eacc, next) = if self.avx2 {
                 // SAFETY: `avx2` is set only by entry points that checked the CPU has AVX2.
-                unsafe { assign_avx2(&self.xs[..n8], &self.hm[..n8], &self.mk[..n8], &mut self.nu[..n8], &mut self.nv[..n8], &mid, &lu, &lw, a, b) }
+                let (e, s) = unsafe { assign_avx2(&self.xs[..n8], &self.hm[..n8], &self.mk[..n8], &mut self.nu[..n8], &mut self.nv[..n8], &mid, &lu, &lw, a, b) };
+                (e, Some(s))
             } else {
-                self.assign((lu[0], lw[0]), &mid, &du, &dv, a, b)
+                (self.assign((lu[0], lw[0]), &mid, &du, &dv, a, b), None)
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let eacc = self.assign((lu[0], lw[0]), &mid, &du, &dv, a, b);
+            let (eacc, next) = (self.assign((lu[0], lw[0]), &mid, &du, &dv, a, b), None::<[f64; 5]>);
             let e = lanes8(eacc);
             if e < best {
                 best = e;
@@ -494,7 +514,7 @@ impl Fitter {
                 // Only the block's part (swapping the whole arrays would move 4 KiB).
                 self.u[..n8].swap_with_slice(&mut self.nu[..n8]);
                 self.v[..n8].swap_with_slice(&mut self.nv[..n8]);
-                sums = ls_sums(&self.xs[..n8], &self.hm[..n8], &self.u[..n8], &self.v[..n8]);
+                sums = next.unwrap_or_else(|| ls_sums(&self.xs[..n8], &self.hm[..n8], &self.u[..n8], &self.v[..n8]));
             } else {
                 self.converged = true;
                 break;
@@ -631,10 +651,7 @@ impl Fitter {
             // Without predators a refinement that stopped by itself would only repeat its
             // last (rejected) step.
             let r = if self.nseq == 0 && self.converged { (a, b, e) } else { self.refine(a, b, cfg.joint_iters.max(1)) };
-            for k in 0..n {
-                self.t1[k] = self.u[k] as i8;
-                self.t2[k] = self.v[k] as i8;
-            }
+            self.codes_to_ints();
             r
         } else {
             let (thr, s, e) = self.last;
@@ -702,11 +719,16 @@ impl Fitter {
             let n8 = (n + 7) & !7;
             self.xs[..n].copy_from_slice(x);
             self.xs[n..n8].fill(0.0);
-            for k in 0..n8 {
-                let d = if k < n { (codes[k / 2] >> (4 * (k % 2))) & 15 } else { 4 };
-                self.u[k] = (d % 3) as f32 - 1.0;
-                self.v[k] = (d / 3) as f32 - 1.0;
+            // Digit d = (u + 1) + 3 (v + 1) per nibble, decoded by table.
+            const DU: [f32; 16] = [-1.0, 0.0, 1.0, -1.0, 0.0, 1.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+            const DV: [f32; 16] = [-1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+            for (i, &c) in codes[..n.div_ceil(2)].iter().enumerate() {
+                let (lo, hi) = ((c & 15) as usize, (c >> 4) as usize);
+                (self.u[2 * i], self.u[2 * i + 1]) = (DU[lo], DU[hi]);
+                (self.v[2 * i], self.v[2 * i + 1]) = (DV[lo], DV[hi]);
             }
+            self.u[n..n8].fill(0.0);
+            self.v[n..n8].fill(0.0);
             self.mk[..n].fill(1.0);
             self.mk[n..n8].fill(0.0);
             self.hm[..n].copy_from_slice(h);
@@ -726,10 +748,7 @@ impl Fitter {
                 self.v[k] = 0.0;
             }
             let (s1, s2, _) = if m == 0 && self.converged { (a, b, e) } else { self.refine(a, b, cfg.joint_iters.max(1)) };
-            for k in 0..n {
-                self.t1[k] = self.u[k] as i8;
-                self.t2[k] = self.v[k] as i8;
-            }
+            self.codes_to_ints();
             (s1, s2)
         } else {
             let ci = ci.unwrap_or(0);
@@ -753,6 +772,19 @@ impl Fitter {
             self.t1[k as usize] = 0;
         }
         self.t2[..n].fill(0);
+    }
+
+    /// `t1`/`t2` from the joint fit's codes `u`/`v` (-1/0/1 floats), by compares (vectorises;
+    /// a float-to-int cast does not).
+    #[inline(always)]
+    fn codes_to_ints(&mut self) {
+        let n = self.n;
+        for (t, &u) in self.t1[..n].iter_mut().zip(&self.u[..n]) {
+            *t = (u > 0.0) as i8 - (u < 0.0) as i8;
+        }
+        for (t, &v) in self.t2[..n].iter_mut().zip(&self.v[..n]) {
+            *t = (v > 0.0) as i8 - (v < 0.0) as i8;
+        }
     }
 
     /// Plane codes of the last `fit_in_place`, one per block column.
@@ -801,25 +833,27 @@ unsafe fn fit_avx2(f: &mut Fitter, x: &[f32], h: &[f32], m: usize, planes: usize
 /// `Fitter::assign` with AVX2, 8 weights at a time: the count of midpoints below each weight
 /// (8 compares) picks its codes from the sorted levels' codes `lu`/`lw` with one permute each
 /// (a count of 8, the top level, by a blend): the codes `assign`'s step sums reach, exactly.
-/// Then the same products, in the same order, for the errors. Callers must check AVX2.
+/// Then the same products, in the same order, for the errors, and `ls_sums` of the new codes
+/// (the same terms per lane in the same order, so the same sums). Callers must check AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn assign_avx2(xs: &[f32], hm: &[f32], mk: &[f32], nu: &mut [f32], nv: &mut [f32], mid: &[f32; 8], lu: &[f32; 9], lw: &[f32; 9], a: f32, b: f32) -> [f64; 8] {
+unsafe fn assign_avx2(xs: &[f32], hm: &[f32], mk: &[f32], nu: &mut [f32], nv: &mut [f32], mid: &[f32; 8], lu: &[f32; 9], lw: &[f32; 9], a: f32, b: f32) -> ([f64; 8], [f64; 5]) {
     use std::arch::x86_64::*;
     let n8 = xs.len();
     assert!(n8 & 7 == 0 && hm.len() == n8 && mk.len() == n8 && nu.len() == n8 && nv.len() == n8);
     let (tu, tw) = (_mm256_loadu_ps(lu.as_ptr()), _mm256_loadu_ps(lw.as_ptr()));
     let (tu8, tw8) = (_mm256_set1_ps(lu[8]), _mm256_set1_ps(lw[8]));
-    let mids: [__m256; 8] = std::array::from_fn(|j| _mm256_set1_ps(mid[j]));
     let eight = _mm256_set1_epi32(8);
     let (va, vb) = (_mm256_set1_ps(a), _mm256_set1_ps(b));
     let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+    // Sums [s11, s12, s22, r1, r2], lanes 0..3 and 4..7.
+    let mut acc = [[_mm256_setzero_pd(); 2]; 5];
     for c in (0..n8).step_by(8) {
         let x = _mm256_loadu_ps(xs.as_ptr().add(c));
         let mut cnt = _mm256_setzero_si256();
-        for m in &mids {
-            cnt = _mm256_sub_epi32(cnt, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(x, *m)));
+        for &m in mid {
+            cnt = _mm256_sub_epi32(cnt, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(m))));
         }
         let top = _mm256_castsi256_ps(_mm256_cmpeq_epi32(cnt, eight));
         let mkc = _mm256_loadu_ps(mk.as_ptr().add(c));
@@ -827,15 +861,30 @@ unsafe fn assign_avx2(xs: &[f32], hm: &[f32], mk: &[f32], nu: &mut [f32], nv: &m
         let vv = _mm256_mul_ps(_mm256_blendv_ps(_mm256_permutevar8x32_ps(tw, cnt), tw8, top), mkc);
         _mm256_storeu_ps(nu.as_mut_ptr().add(c), uu);
         _mm256_storeu_ps(nv.as_mut_ptr().add(c), vv);
+        let hv = _mm256_loadu_ps(hm.as_ptr().add(c));
         let d = _mm256_sub_ps(x, _mm256_add_ps(_mm256_mul_ps(va, uu), _mm256_mul_ps(vb, vv)));
-        let e = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(hm.as_ptr().add(c)), d), d);
+        let e = _mm256_mul_ps(_mm256_mul_ps(hv, d), d);
         lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
         hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(e)));
+        for (half, ac) in [(0, 0usize), (1, 1)] {
+            let pick = |v: __m256| if half == 0 { _mm256_cvtps_pd(_mm256_castps256_ps128(v)) } else { _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)) };
+            let (u, v, w) = (pick(uu), pick(vv), pick(hv));
+            let wx = _mm256_mul_pd(w, pick(x));
+            let wu = _mm256_mul_pd(w, u);
+            acc[0][ac] = _mm256_add_pd(acc[0][ac], _mm256_mul_pd(wu, u));
+            acc[1][ac] = _mm256_add_pd(acc[1][ac], _mm256_mul_pd(wu, v));
+            acc[2][ac] = _mm256_add_pd(acc[2][ac], _mm256_mul_pd(_mm256_mul_pd(w, v), v));
+            acc[3][ac] = _mm256_add_pd(acc[3][ac], _mm256_mul_pd(u, wx));
+            acc[4][ac] = _mm256_add_pd(acc[4][ac], _mm256_mul_pd(v, wx));
+        }
     }
-    let mut out = [0f64; 8];
-    _mm256_storeu_pd(out.as_mut_ptr(), lo);
-    _mm256_storeu_pd(out.as_mut_ptr().add(4), hi);
-    out
+    let lanes = |p: [__m256d; 2]| {
+        let mut o = [0f64; 8];
+        _mm256_storeu_pd(o.as_mut_ptr(), p[0]);
+        _mm256_storeu_pd(o.as_mut_ptr().add(4), p[1]);
+        o
+    };
+    (lanes([lo, hi]), acc.map(|p| lanes8(lanes(p))))
 }
 
 #[cfg(test)]
