@@ -221,8 +221,8 @@ pub struct Analysis {
     pub dims: Dims,
     stats: Vec<[[f32; NM]; 2]>,
     /// Per block (row-major over (row, block)): what `encode` needs to skip refitting, and the
-    /// joint fits' codes, `B / 2` bytes per block. With the stats about 1.4 bytes per weight
-    /// at B = 64 (0.5 at B = 256).
+    /// joint fits' codes, `B / 2` bytes per block. With the stats 144 bytes per block of 64
+    /// (2.25 bytes per weight; 0.94 at B = 256), held while one matrix is compressed.
     records: Vec<BlockRecord>,
     joint_codes: Vec<u8>,
     allow_plane2: bool,
