@@ -549,6 +549,27 @@ def test_importance_reduces_weighted_error(seed, b):
     assert e_imp < 0.9 * e_plain, (e_imp, e_plain)
 
 
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("b", [32, 64, 256])
+@pytest.mark.parametrize("use_importance", [False, True])
+def test_analysis_priced_by_hand_encodes_like_compress(seed, b, use_importance):
+    # The Analysis object (one budget spread over many matrices) encodes from the per-block
+    # records its analysis kept; at compress's price it must give compress's matrix exactly,
+    # and a dearer price fewer bits (never more) with no smaller error.
+    w, h = _llm_like(37, 300, seed)
+    imp = h if use_importance else None
+    a = _core.analyze(w, b, importance=imp)
+    budget = np.floor(3.6 * w.size)  # (at B = 256 the padded plane 1 alone takes 3.19 bits here)
+    lam = a.lambda_for_budget(budget)
+    p = a.encode(lam)
+    assert p.to_bytes() == pp.compress(w, 3.6, b, importance=imp).to_bytes()
+    assert 8 * p.nbytes == a.bits(lam) <= budget
+    q = a.encode(lam * 4)
+    assert q.nbytes <= p.nbytes
+    hh = h if use_importance else np.ones_like(h)
+    assert werr(w, pp.decompress(q), hh) >= werr(w, pp.decompress(p), hh) * (1 - 1e-6)
+
+
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("b", [64, 128])
 @pytest.mark.parametrize("use_importance", [False, True])
