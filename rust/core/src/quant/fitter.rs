@@ -334,6 +334,7 @@ impl Fitter {
             self.ph[p] = hs;
             self.live[p] = 1.0;
         }
+        self.live[n..(n + 7) & !7].fill(0.0);
         let mut total = energy(x, h);
         let mut perr = 0f64;
         let mut e1 = [f64::INFINITY; NM];
@@ -341,11 +342,11 @@ impl Fitter {
         for m in 0..=max_m {
             // Best support: the prefix (of the weights left) with the largest (sum h|x|)^2 / sum h,
             // the first on ties; gains are >= 0, so their bits order like their values.
-            for p in 0..n {
-                let (a, hs) = (self.pa[p], self.ph[p]);
-                self.g[p] = if self.live[p] > 0.0 && hs > 0.0 { a * a / hs } else { 0.0 };
-            }
-            let (top, i) = first_max(&self.g[..n], |v| v.to_bits());
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `avx2` is set only by entry points that checked the CPU has AVX2.
+            let (top, i) = if self.avx2 { unsafe { gains_first_max_avx2(&self.pa, &self.ph, &self.live, n) } } else { self.gains_first_max() };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (top, i) = self.gains_first_max();
             let pos = if top == 0 { None } else { Some(i) };
             let (support, ba, bh) = match pos {
                 Some(i) => (i + 1 - self.seq_pos[..self.nseq].iter().filter(|&&q| q as usize <= i).count(), self.pa[i], self.ph[i]),
@@ -371,12 +372,11 @@ impl Fitter {
             // (positions up to the best prefix), h x^2 outside; as bits + 1 (0 for the weights
             // taken), the first largest wins.
             let last_in = pos.map_or(0, |i| i + 1);
-            for p in 0..n {
-                let d = self.l_ax[p] - if p < last_in { s } else { 0.0 };
-                let e = self.l_h[p] * d * d;
-                self.ek[p] = if self.live[p] > 0.0 { e.to_bits() + 1 } else { 0 };
-            }
-            let (_, j) = first_max(&self.ek[..n], |e| *e);
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            let j = if self.avx2 { unsafe { errors_first_max_avx2(&self.l_ax, &self.l_h, &self.live, n, last_in, s) } } else { self.errors_first_max(last_in, s) };
+            #[cfg(not(target_arch = "x86_64"))]
+            let j = self.errors_first_max(last_in, s);
             let k = self.l_idx[j] as usize;
             let (axj, hj) = (self.l_ax[j], self.l_h[j]);
             total -= hj as f64 * (axj as f64) * (axj as f64);
@@ -393,6 +393,32 @@ impl Fitter {
             }
         }
         e1
+    }
+
+    /// The best support's gain scan of `predators`: gains `pa^2 / ph` of the weights left (0 for
+    /// those taken and where `ph` is 0), and the first largest: (its bits, its position).
+    #[inline(always)]
+    fn gains_first_max(&mut self) -> (u64, usize) {
+        let n = self.n;
+        for p in 0..n {
+            let (a, hs) = (self.pa[p], self.ph[p]);
+            self.g[p] = if self.live[p] > 0.0 && hs > 0.0 { a * a / hs } else { 0.0 };
+        }
+        first_max(&self.g[..n], |v| v.to_bits())
+    }
+
+    /// The predator scan of `predators`: weighted errors `h (|x| - s)^2` inside the support (the
+    /// first `last_in` positions), `h x^2` outside, of the weights left; the first largest's
+    /// position (errors as bits + 1, 0 for the weights taken).
+    #[inline(always)]
+    fn errors_first_max(&mut self, last_in: usize, s: f32) -> usize {
+        let n = self.n;
+        for p in 0..n {
+            let d = self.l_ax[p] - if p < last_in { s } else { 0.0 };
+            let e = self.l_h[p] * d * d;
+            self.ek[p] = if self.live[p] > 0.0 { e.to_bits() + 1 } else { 0 };
+        }
+        first_max(&self.ek[..n], |e| *e).1
     }
 
     /// Joint two-plane fit of the whole block (no predators; `predators` must have run on the
@@ -841,6 +867,69 @@ unsafe fn fit_recorded_avx2(f: &mut Fitter, x: &[f32], h: &[f32], rec: &BlockRec
 #[target_feature(enable = "avx2")]
 unsafe fn fit_avx2(f: &mut Fitter, x: &[f32], h: &[f32], m: usize, planes: usize, cfg: &QuantConfig) -> (f32, f32, f64) {
     f.fit_impl(x, h, m, planes, cfg)
+}
+
+/// `Fitter::gains_first_max` with AVX2, 4 positions at a time, the maximum and its position
+/// tracked per lane (a strictly larger gain replaces, so each lane keeps its first), then the
+/// largest of the lanes, the first position on ties: the same gains (same operations) and the
+/// same choice. `live` must be 0 from `n` to the next multiple of 8. Callers must check AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gains_first_max_avx2(pa: &[f64; MAXB], ph: &[f64; MAXB], live: &[f32; MAXB], n: usize) -> (u64, usize) {
+    use std::arch::x86_64::*;
+    let zero = _mm256_setzero_pd();
+    let (mut best, mut bi) = (zero, _mm256_setzero_si256());
+    let mut idx = _mm256_set_epi64x(3, 2, 1, 0);
+    let four = _mm256_set1_epi64x(4);
+    for c in (0..n).step_by(4) {
+        // c + 4 <= MAXB: c < n <= MAXB and MAXB is a multiple of 4.
+        let a = _mm256_loadu_pd(pa.as_ptr().add(c));
+        let w = _mm256_loadu_pd(ph.as_ptr().add(c));
+        let l = _mm256_cvtps_pd(_mm_loadu_ps(live.as_ptr().add(c)));
+        let ok = _mm256_and_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(w, zero), _mm256_cmp_pd::<_CMP_GT_OQ>(l, zero));
+        let g = _mm256_and_pd(_mm256_div_pd(_mm256_mul_pd(a, a), w), ok);
+        let gt = _mm256_cmp_pd::<_CMP_GT_OQ>(g, best);
+        best = _mm256_blendv_pd(best, g, gt);
+        bi = _mm256_castpd_si256(_mm256_blendv_pd(_mm256_castsi256_pd(bi), _mm256_castsi256_pd(idx), gt));
+        idx = _mm256_add_epi64(idx, four);
+    }
+    let (mut bv, mut bp) = ([0f64; 4], [0i64; 4]);
+    _mm256_storeu_pd(bv.as_mut_ptr(), best);
+    _mm256_storeu_si256(bp.as_mut_ptr() as *mut __m256i, bi);
+    let top = bv.iter().fold(0u64, |m, v| m.max(v.to_bits()));
+    let pos = (0..4).filter(|&l| bv[l].to_bits() == top).map(|l| bp[l] as usize).min().unwrap_or(0);
+    (top, if top == 0 { 0 } else { pos })
+}
+
+/// `Fitter::errors_first_max` with AVX2, 8 positions at a time (per-lane first maximum of the
+/// keys, then the first position of the largest): the same errors and the same choice. `live`
+/// must be 0 from `n` to the next multiple of 8. Callers must check AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn errors_first_max_avx2(ax: &[f32; MAXB], hh: &[f32; MAXB], live: &[f32; MAXB], n: usize, last_in: usize, s: f32) -> usize {
+    use std::arch::x86_64::*;
+    let (mut best, mut bi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    let mut idx = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+    let (eight, one, sv, li) = (_mm256_set1_epi32(8), _mm256_set1_epi32(1), _mm256_set1_ps(s), _mm256_set1_epi32(last_in as i32));
+    let zero = _mm256_setzero_ps();
+    for c in (0..n).step_by(8) {
+        // c + 8 <= MAXB: c < n <= MAXB and MAXB is a multiple of 8.
+        let inside = _mm256_castsi256_ps(_mm256_cmpgt_epi32(li, idx));
+        let d = _mm256_sub_ps(_mm256_loadu_ps(ax.as_ptr().add(c)), _mm256_and_ps(sv, inside));
+        let e = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(hh.as_ptr().add(c)), d), d);
+        let alive = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_loadu_ps(live.as_ptr().add(c)), zero));
+        // Error bits + 1 <= 0x7f800001: compares as signed 32-bit integers.
+        let key = _mm256_and_si256(_mm256_add_epi32(_mm256_castps_si256(e), one), alive);
+        let gt = _mm256_cmpgt_epi32(key, best);
+        best = _mm256_blendv_epi8(best, key, gt);
+        bi = _mm256_blendv_epi8(bi, idx, gt);
+        idx = _mm256_add_epi32(idx, eight);
+    }
+    let (mut bv, mut bp) = ([0i32; 8], [0i32; 8]);
+    _mm256_storeu_si256(bv.as_mut_ptr() as *mut __m256i, best);
+    _mm256_storeu_si256(bp.as_mut_ptr() as *mut __m256i, bi);
+    let top = bv.iter().copied().max().unwrap_or(0);
+    (0..8).filter(|&l| bv[l] == top).map(|l| bp[l] as usize).min().unwrap_or(0)
 }
 
 /// `sort_desc` for up to 64 keys with AVX-512: each key's place is the number of larger keys,
