@@ -438,6 +438,44 @@ impl Fitter {
         for ((r, &xv), &u) in self.resid[..n].iter_mut().zip(x).zip(&self.u[..n]) {
             *r = xv - s1 * u;
         }
+        #[cfg(target_arch = "x86_64")]
+        if self.avx512 && n <= 64 {
+            // Order the residual by |r| descending: one rank sort (cheaper than the merges).
+            for (k, key_k) in self.keys[..n].iter_mut().enumerate() {
+                *key_k = key(self.resid[k], k);
+            }
+            // SAFETY: `avx512` is set only by entry points that checked the CPU has AVX-512 F.
+            unsafe { rank_sort_avx512(&mut self.keys[..n], &mut self.keys2[..n]) };
+        } else {
+            self.order_residual(x, sup, s1);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.order_residual(x, sup, s1);
+        // Exact ternary of the residual (the list arrays are free again: reuse them).
+        for (p, &kk) in self.keys[..n].iter().enumerate() {
+            let k = key_index(kk);
+            self.l_h[p] = h[k];
+            self.l_hax[p] = h[k] as f64 * self.resid[k].abs() as f64;
+        }
+        let (sup2, best_a, best_h) = best_support(&self.l_h[..n], &self.l_hax[..n], &mut self.pa, &mut self.ph, &mut self.g);
+        let keys = &self.keys[..n];
+        let s2 = if sup2 > 0 { round_f16(best_a / best_h) } else { 0.0 };
+        for &kk in &keys[..sup2] {
+            let k = key_index(kk);
+            self.v[k] = sign(self.resid[k]);
+        }
+        self.mk[..n].fill(1.0);
+        self.mk[n..n8].fill(0.0);
+        self.hm[..n].copy_from_slice(&h[..n]);
+        self.hm[n..n8].fill(0.0);
+        self.refine(s1, s2, iters)
+    }
+
+    /// The residual's keys (`key(r, k)`) in `keys`, sorted descending, by merging the three runs
+    /// they are already sorted in.
+    #[inline(always)]
+    fn order_residual(&mut self, x: &[f32], sup: usize, s1: f32) {
+        let n = self.n;
         // Order the residual by |r| descending: in the support |r| = ||x| - s1| falls while
         // |x| >= s1 and rises after; outside it |r| = |x| falls. Merge these three runs, then
         // insertion-sort away the rare inversions FP rounding can leave.
@@ -458,24 +496,6 @@ impl Fitter {
                 j -= 1;
             }
         }
-        // Exact ternary of the residual (the list arrays are free again: reuse them).
-        for (p, &kk) in keys.iter().enumerate() {
-            let k = key_index(kk);
-            self.l_h[p] = h[k];
-            self.l_hax[p] = h[k] as f64 * self.resid[k].abs() as f64;
-        }
-        let (sup2, best_a, best_h) = best_support(&self.l_h[..n], &self.l_hax[..n], &mut self.pa, &mut self.ph, &mut self.g);
-        let keys = &self.keys[..n];
-        let s2 = if sup2 > 0 { round_f16(best_a / best_h) } else { 0.0 };
-        for &kk in &keys[..sup2] {
-            let k = key_index(kk);
-            self.v[k] = sign(self.resid[k]);
-        }
-        self.mk[..n].fill(1.0);
-        self.mk[n..n8].fill(0.0);
-        self.hm[..n].copy_from_slice(&h[..n]);
-        self.hm[n..n8].fill(0.0);
-        self.refine(s1, s2, iters)
     }
 
     /// Alternating refinement of the joint fit from codes `u`/`v` and scales (a, b): weighted
