@@ -154,12 +154,6 @@ fn first_max<T, K: Copy + Ord + Default>(v: &[T], key: impl Fn(&T) -> K) -> (K, 
     (top, c * 8 + i)
 }
 
-/// `sum h x^2` in index order.
-#[inline(always)]
-fn energy(x: &[f32], h: &[f32]) -> f64 {
-    x.iter().zip(h).map(|(v, w)| *w as f64 * (*v as f64) * (*v as f64)).sum()
-}
-
 /// Weighted least-squares sums of the joint fit, [s11, s12, s22, r1, r2], over whole chunks of
 /// 8 (the arrays are zero-padded), in 8 lanes.
 #[inline(always)]
@@ -326,16 +320,17 @@ impl Fitter {
         self.nseq = 0;
         // Prefix sums of the sorted list; a predator taken out at position j is subtracted
         // from every later prefix (no serial rescan), and its own prefix is masked out.
-        let (mut a, mut hs) = (0f64, 0f64);
+        // (`energy` in the same loop, in index order as it sums: three independent chains.)
+        let (mut a, mut hs, mut total) = (0f64, 0f64, 0f64);
         for p in 0..n {
             a += self.l_hax[p];
             hs += self.l_h[p] as f64;
             self.pa[p] = a;
             self.ph[p] = hs;
             self.live[p] = 1.0;
+            total += h[p] as f64 * (x[p] as f64) * (x[p] as f64);
         }
         self.live[n..(n + 7) & !7].fill(0.0);
-        let mut total = energy(x, h);
         let mut perr = 0f64;
         let mut e1 = [f64::INFINITY; NM];
         let mut ci = 0;
@@ -457,6 +452,25 @@ impl Fitter {
             self.l_h[p] = h[k];
             self.l_hax[p] = h[k] as f64 * self.resid[k].abs() as f64;
         }
+        #[cfg(target_arch = "x86_64")]
+        let (sup2, best_a, best_h) = if self.avx2 {
+            // The same prefix sums, then the gain scan of `predators` (every weight live).
+            let (mut a, mut hs) = (0f64, 0f64);
+            for p in 0..n {
+                a += self.l_hax[p];
+                hs += self.l_h[p] as f64;
+                self.pa[p] = a;
+                self.ph[p] = hs;
+            }
+            self.live[..n].fill(1.0);
+            self.live[n..(n + 7) & !7].fill(0.0);
+            // SAFETY: `avx2` is set only by entry points that checked the CPU has AVX2.
+            let (top, i) = unsafe { gains_first_max_avx2(&self.pa, &self.ph, &self.live, n) };
+            if top == 0 { (0, 0.0, 0.0) } else { (i + 1, self.pa[i], self.ph[i]) }
+        } else {
+            best_support(&self.l_h[..n], &self.l_hax[..n], &mut self.pa, &mut self.ph, &mut self.g)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
         let (sup2, best_a, best_h) = best_support(&self.l_h[..n], &self.l_hax[..n], &mut self.pa, &mut self.ph, &mut self.g);
         let keys = &self.keys[..n];
         let s2 = if sup2 > 0 { round_f16(best_a / best_h) } else { 0.0 };
