@@ -3,12 +3,15 @@
 //! Same decisions as the first fitter (kept as `reference.rs` and tested against it), organised
 //! so that nothing is computed twice and the hot loops vectorise:
 //!
-//! * one sort by |x| per block; the one-plane fit with m = 0 predators is the first step of the
-//!   predator sequence and is reused as plane 1 of the joint fit;
+//! * one sort by |x| per block (AVX-512: a rank count, 8 keys per compare); the one-plane fit
+//!   with m = 0 predators is the first step of the predator sequence and is reused as plane 1
+//!   of the joint fit;
 //! * the sorted list's prefix sums are computed once; taking a predator subtracts it from the
-//!   later prefixes and masks its own (no rescan), the gain and error scans are branch-free;
-//! * the residual `x - s1 t1` is ordered by merging the three runs it is already sorted in
-//!   (the support above s1, the support below s1 reversed, the rest) instead of sorting;
+//!   later prefixes and masks its own (no rescan); the gain and error scans are branch-free
+//!   (AVX2: the first maximum tracked per lane in the same pass);
+//! * the residual `x - s1 t1` is ordered by the same rank count (AVX-512), else by merging the
+//!   three runs it is already sorted in (the support above s1, the support below s1 reversed,
+//!   the rest);
 //! * the joint refinement assigns the nearest of the 9 levels by counting the midpoints below
 //!   each weight (AVX2: 8 compares and a permute per 8 weights) and gathers the next
 //!   least-squares sums in the same pass;
