@@ -255,6 +255,12 @@ impl Analysis {
         Ok(Analysis { dims: d, stats, records, joint_codes, allow_plane2: cfg.allow_plane2 })
     }
 
+    /// The record of block `c` (= row * n_blocks + block) and its joint fit's codes.
+    fn record(&self, c: usize) -> (&BlockRecord, &[u8]) {
+        let cb = self.dims.block_size / 2;
+        (&self.records[c], &self.joint_codes[c * cb..(c + 1) * cb])
+    }
+
     fn decide_cell(&self, c: usize, lambda: f64) -> (bool, [u8; ROWS_PER_GROUP], f64, f64) {
         let (rows, nb) = (self.dims.rows, self.dims.n_blocks);
         let (gi, blk) = (c / nb, c % nb);
@@ -420,9 +426,8 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
             for i in 0..n {
                 let r = gi * ROWS_PER_GROUP + i;
                 let (x, hh) = block_slices(w, h, &d, r, blk);
-                let c = r * nb + blk;
-                let (fs1, fs2) = f.fit_recorded(x, hh, &a.records[c], &a.joint_codes[c * b / 2..(c + 1) * b / 2],
-                                                PREDATOR_COUNTS[counts[i] as usize], if p2 { 2 } else { 1 }, cfg);
+                let (rec, codes) = a.record(r * nb + blk);
+                let (fs1, fs2) = f.fit_recorded(x, hh, rec, codes, PREDATOR_COUNTS[counts[i] as usize], if p2 { 2 } else { 1 }, cfg);
                 s1[i][blk] = fs1;
                 let (t1, t2) = f.codes();
                 for (kk, &t) in t1.iter().enumerate() {

@@ -121,32 +121,6 @@ fn merge_desc(a: &[u64], b: &[u64], out: &mut [u64], pa: &mut [u64; MAXB + 1], p
     }
 }
 
-/// Best support of the exact ternary over a list sorted by |x| descending: (size, sum h|x|,
-/// sum h) of the prefix with the largest `(sum h|x|)^2 / sum h` (the first on ties; size 0
-/// when no prefix has a positive gain). The prefix sums run serially, the gains and their
-/// maximum vectorise (gains are >= 0, so their bits order like their values).
-#[inline(always)]
-fn best_support(h: &[f32], hax: &[f64], pa: &mut [f64], ph: &mut [f64], g: &mut [f64]) -> (usize, f64, f64) {
-    let n = h.len();
-    let (pa, ph, g) = (&mut pa[..n], &mut ph[..n], &mut g[..n]);
-    let (mut a, mut hs) = (0f64, 0f64);
-    for (((&hk, &hx), pa), ph) in h.iter().zip(hax).zip(pa.iter_mut()).zip(ph.iter_mut()) {
-        a += hx;
-        hs += hk as f64;
-        *pa = a;
-        *ph = hs;
-    }
-    for ((g, &a), &hs) in g.iter_mut().zip(pa.iter()).zip(ph.iter()) {
-        *g = if hs > 0.0 { a * a / hs } else { 0.0 };
-    }
-    let top = g.iter().fold(0u64, |m, v| m.max(v.to_bits()));
-    if top == 0 {
-        return (0, 0.0, 0.0);
-    }
-    let i = g.iter().position(|v| v.to_bits() == top).unwrap_or(0);
-    (i + 1, pa[i], ph[i])
-}
-
 /// The largest key of `v` and the first position holding it (0 for an empty slice): one
 /// max pass, then a search by chunks of 8 (compares that vectorise, no early exit per item).
 #[inline(always)]
@@ -191,11 +165,10 @@ pub struct Fitter {
     /// Merge scratch (runs with their sentinels).
     ma: [u64; MAXB + 1],
     mb: [u64; MAXB + 1],
-    /// The compacted list (sorted by |x|, predators taken out) is `lo..lo + len` of these.
+    /// The block in that order: |x|, h, h |x|.
     l_ax: [f32; MAXB],
     l_h: [f32; MAXB],
     l_hax: [f64; MAXB],
-    l_idx: [u8; MAXB],
     /// 1 for the weights of the sorted list not taken as predators, 0 for those taken.
     live: [f32; MAXB],
     /// Error scan keys (error bits + 1, 0 for predators).
@@ -258,7 +231,6 @@ impl Fitter {
             l_ax: [0.0; MAXB],
             l_h: [0.0; MAXB],
             l_hax: [0.0; MAXB],
-            l_idx: [0; MAXB],
             live: [0.0; MAXB],
             ek: [0; MAXB],
             seq: [0; MAXP],
@@ -302,20 +274,15 @@ impl Fitter {
         for (i, (k, &v)) in self.keys[..n].iter_mut().zip(x).enumerate() {
             *k = key(v, i);
         }
-        #[cfg(target_arch = "x86_64")]
-        if self.avx512 && n <= 64 {
-            // SAFETY: `avx512` is set only by entry points that checked the CPU has AVX-512 F.
-            unsafe { rank_sort_avx512(&mut self.keys[..n], &mut self.keys2[..n]) };
+        if self.has_rank_sort(n) {
+            self.rank_sort(n);
         } else {
             sort_desc(&mut self.keys[..n], &mut self.keys2[..n]);
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        sort_desc(&mut self.keys[..n], &mut self.keys2[..n]);
         for p in 0..n {
             let k = key_index(self.keys[p]);
             let ax = x[k].abs();
             self.order[p] = k as u8;
-            self.l_idx[p] = k as u8;
             self.l_ax[p] = ax;
             self.l_h[p] = h[k];
             self.l_hax[p] = h[k] as f64 * ax as f64;
@@ -340,11 +307,7 @@ impl Fitter {
         for m in 0..=max_m {
             // Best support: the prefix (of the weights left) with the largest (sum h|x|)^2 / sum h,
             // the first on ties; gains are >= 0, so their bits order like their values.
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `avx2` is set only by entry points that checked the CPU has AVX2.
-            let (top, i) = if self.avx2 { unsafe { gains_first_max_avx2(&self.pa, &self.ph, &self.live, n) } } else { self.gains_first_max() };
-            #[cfg(not(target_arch = "x86_64"))]
-            let (top, i) = self.gains_first_max();
+            let (top, i) = self.best_prefix();
             let pos = if top == 0 { None } else { Some(i) };
             let (support, ba, bh) = match pos {
                 Some(i) => (i + 1 - self.seq_pos[..self.nseq].iter().filter(|&&q| q as usize <= i).count(), self.pa[i], self.ph[i]),
@@ -356,7 +319,7 @@ impl Fitter {
             if m == 0 {
                 self.full = (support, s);
             }
-            let thr = pos.map_or(u16::MAX, |i| self.l_idx[i] as u16);
+            let thr = pos.map_or(u16::MAX, |i| self.order[i] as u16);
             self.last = (thr, s, err);
             if ci < NM && PREDATOR_COUNTS[ci] == m {
                 e1[ci] = err + perr;
@@ -375,7 +338,7 @@ impl Fitter {
             let j = if self.avx2 { unsafe { errors_first_max_avx2(&self.l_ax, &self.l_h, &self.live, n, last_in, s) } } else { self.errors_first_max(last_in, s) };
             #[cfg(not(target_arch = "x86_64"))]
             let j = self.errors_first_max(last_in, s);
-            let k = self.l_idx[j] as usize;
+            let k = self.order[j] as usize;
             let (axj, hj) = (self.l_ax[j], self.l_h[j]);
             total -= hj as f64 * (axj as f64) * (axj as f64);
             let d = x[k] as f64 - f16::from_f32(x[k]).to_f64();
@@ -436,55 +399,40 @@ impl Fitter {
         for ((r, &xv), &u) in self.resid[..n].iter_mut().zip(x).zip(&self.u[..n]) {
             *r = xv - s1 * u;
         }
-        #[cfg(target_arch = "x86_64")]
-        if self.avx512 && n <= 64 {
+        if self.has_rank_sort(n) {
             // Order the residual by |r| descending: one rank sort (cheaper than the merges).
             for (k, key_k) in self.keys[..n].iter_mut().enumerate() {
                 *key_k = key(self.resid[k], k);
             }
-            // SAFETY: `avx512` is set only by entry points that checked the CPU has AVX-512 F.
-            unsafe { rank_sort_avx512(&mut self.keys[..n], &mut self.keys2[..n]) };
+            self.rank_sort(n);
         } else {
             self.order_residual(x, sup, s1);
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        self.order_residual(x, sup, s1);
         // Exact ternary of the residual (the list arrays are free again: reuse them).
         for (p, &kk) in self.keys[..n].iter().enumerate() {
             let k = key_index(kk);
             self.l_h[p] = h[k];
             self.l_hax[p] = h[k] as f64 * self.resid[k].abs() as f64;
         }
-        #[cfg(target_arch = "x86_64")]
-        let (sup2, best_a, best_h) = if self.avx2 {
-            // The same prefix sums, then the gain scan of `predators` (every weight live).
-            let (mut a, mut hs) = (0f64, 0f64);
-            for p in 0..n {
-                a += self.l_hax[p];
-                hs += self.l_h[p] as f64;
-                self.pa[p] = a;
-                self.ph[p] = hs;
-            }
-            self.live[..n].fill(1.0);
-            self.live[n..(n + 7) & !7].fill(0.0);
-            // SAFETY: `avx2` is set only by entry points that checked the CPU has AVX2.
-            let (top, i) = unsafe { gains_first_max_avx2(&self.pa, &self.ph, &self.live, n) };
-            if top == 0 { (0, 0.0, 0.0) } else { (i + 1, self.pa[i], self.ph[i]) }
-        } else {
-            best_support(&self.l_h[..n], &self.l_hax[..n], &mut self.pa, &mut self.ph, &mut self.g)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let (sup2, best_a, best_h) = best_support(&self.l_h[..n], &self.l_hax[..n], &mut self.pa, &mut self.ph, &mut self.g);
+        // Its prefix sums, then the gain scan of `predators` with every weight live.
+        let (mut a, mut hs) = (0f64, 0f64);
+        for p in 0..n {
+            a += self.l_hax[p];
+            hs += self.l_h[p] as f64;
+            self.pa[p] = a;
+            self.ph[p] = hs;
+        }
+        self.live[..n].fill(1.0);
+        self.live[n..n8].fill(0.0);
+        let (top, i) = self.best_prefix();
+        let (sup2, best_a, best_h) = if top == 0 { (0, 0.0, 0.0) } else { (i + 1, self.pa[i], self.ph[i]) };
         let keys = &self.keys[..n];
         let s2 = if sup2 > 0 { round_f16(best_a / best_h) } else { 0.0 };
         for &kk in &keys[..sup2] {
             let k = key_index(kk);
             self.v[k] = sign(self.resid[k]);
         }
-        self.mk[..n].fill(1.0);
-        self.mk[n..n8].fill(0.0);
-        self.hm[..n].copy_from_slice(&h[..n]);
-        self.hm[n..n8].fill(0.0);
+        self.joint_masks(h);
         self.refine(s1, s2, iters)
     }
 
@@ -633,15 +581,61 @@ impl Fitter {
         eacc
     }
 
+    /// Sets the SIMD flags from the CPU; whether it has AVX2 (the entry points then run their
+    /// AVX2 builds).
+    #[cfg(target_arch = "x86_64")]
+    fn detect_simd(&mut self) -> bool {
+        self.avx2 = std::is_x86_feature_detected!("avx2");
+        self.avx512 = self.avx2 && std::is_x86_feature_detected!("avx512f");
+        self.avx2
+    }
+
+    /// Whether `rank_sort` can sort `n` keys (AVX-512 F, at most 64 keys).
+    #[inline(always)]
+    fn has_rank_sort(&self, n: usize) -> bool {
+        cfg!(target_arch = "x86_64") && self.avx512 && n <= 64
+    }
+
+    /// Sorts `keys[..n]` descending with the AVX-512 rank count; only where `has_rank_sort(n)`.
+    #[inline(always)]
+    fn rank_sort(&mut self, n: usize) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `avx512` is set only by `detect_simd`, after checking the CPU has AVX-512 F.
+        unsafe { rank_sort_avx512(&mut self.keys[..n], &mut self.keys2[..n]) };
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("rank_sort needs x86-64 with AVX-512 ({n} keys)");
+    }
+
+    /// The best support's gain scan over `pa`/`ph` (see `gains_first_max`), AVX2 where the
+    /// entry point found it: (gain bits, position).
+    #[inline(always)]
+    fn best_prefix(&mut self) -> (u64, usize) {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: `avx2` is set only by `detect_simd`, after checking the CPU has AVX2.
+            return unsafe { gains_first_max_avx2(&self.pa, &self.ph, &self.live, self.n) };
+        }
+        self.gains_first_max()
+    }
+
+    /// `mk` = 1 and `hm` = h on the block's weights, 0 on the padding: the joint fit's masks
+    /// before any predator is taken out.
+    #[inline(always)]
+    fn joint_masks(&mut self, h: &[f32]) {
+        let (n, n8) = (self.n, (self.n + 7) & !7);
+        self.mk[..n].fill(1.0);
+        self.mk[n..n8].fill(0.0);
+        self.hm[..n].copy_from_slice(&h[..n]);
+        self.hm[n..n8].fill(0.0);
+    }
+
     /// Errors of every (predator count, planes) option of one block: `[planes-1][count idx]`.
     /// One-plane errors are exact. Two-plane errors are upper bounds of what `fit` returns:
     /// the m = 0 joint fit with the predators' own errors taken out (`fit` then refines, which
     /// can only lower the error).
     pub fn block_stats(&mut self, x: &[f32], h: &[f32], cfg: &QuantConfig) -> [[f32; NM]; 2] {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            self.avx2 = true;
-            self.avx512 = std::is_x86_feature_detected!("avx512f");
+        if self.detect_simd() {
             // SAFETY: the CPU has AVX2 (checked just above), all `block_stats_avx2` requires.
             return unsafe { block_stats_avx2(self, x, h, cfg) };
         }
@@ -694,9 +688,7 @@ impl Fitter {
     /// (`codes()`), predators in `seq` (`predator_positions()`). Returns (s1, s2, err).
     pub(crate) fn fit_in_place(&mut self, x: &[f32], h: &[f32], m: usize, planes: usize, cfg: &QuantConfig) -> (f32, f32, f64) {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            self.avx2 = true;
-            self.avx512 = std::is_x86_feature_detected!("avx512f");
+        if self.detect_simd() {
             // SAFETY: the CPU has AVX2 (checked just above), all `fit_avx2` requires.
             return unsafe { fit_avx2(self, x, h, m, planes, cfg) };
         }
@@ -768,9 +760,7 @@ impl Fitter {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn fit_recorded(&mut self, x: &[f32], h: &[f32], rec: &BlockRecord, codes: &[u8], m: usize, planes: usize, cfg: &QuantConfig) -> (f32, f32) {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            self.avx2 = true;
-            self.avx512 = std::is_x86_feature_detected!("avx512f");
+        if self.detect_simd() {
             // SAFETY: the CPU has AVX2 (checked just above), all `fit_recorded_avx2` requires.
             return unsafe { fit_recorded_avx2(self, x, h, rec, codes, m, planes, cfg) };
         }
@@ -805,10 +795,7 @@ impl Fitter {
             }
             self.u[n..n8].fill(0.0);
             self.v[n..n8].fill(0.0);
-            self.mk[..n].fill(1.0);
-            self.mk[n..n8].fill(0.0);
-            self.hm[..n].copy_from_slice(h);
-            self.hm[n..n8].fill(0.0);
+            self.joint_masks(h);
             // `two_planes(x, h, cfg.joint_iters)` as the record's shorter one continued.
             let (mut a, mut b, mut e) = (f16::from_bits(rec.a).to_f32(), f16::from_bits(rec.b).to_f32(), rec.e);
             self.converged = rec.converged;
@@ -883,7 +870,7 @@ impl Fitter {
     }
 }
 
-/// `Fitter::block_stats_scalar` compiled with AVX2 (8-lane compares, adds and conversions in the
+/// `Fitter::block_stats_impl` compiled with AVX2 (8-lane compares, adds and conversions in the
 /// refinement and error scans). Callers must check that the CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
@@ -891,7 +878,7 @@ unsafe fn block_stats_avx2(f: &mut Fitter, x: &[f32], h: &[f32], cfg: &QuantConf
     f.block_stats_impl(x, h, cfg)
 }
 
-/// `Fitter::fit_recorded_scalar` compiled with AVX2. Callers must check that the CPU has AVX2.
+/// `Fitter::fit_recorded_impl` compiled with AVX2. Callers must check that the CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
@@ -899,7 +886,7 @@ unsafe fn fit_recorded_avx2(f: &mut Fitter, x: &[f32], h: &[f32], rec: &BlockRec
     f.fit_recorded_impl(x, h, rec, codes, m, planes, cfg)
 }
 
-/// `Fitter::fit_scalar` compiled with AVX2. Callers must check that the CPU has AVX2.
+/// `Fitter::fit_impl` compiled with AVX2. Callers must check that the CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn fit_avx2(f: &mut Fitter, x: &[f32], h: &[f32], m: usize, planes: usize, cfg: &QuantConfig) -> (f32, f32, f64) {
