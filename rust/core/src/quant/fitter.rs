@@ -307,7 +307,7 @@ impl Fitter {
         for m in 0..=max_m {
             // Best support: the prefix (of the weights left) with the largest (sum h|x|)^2 / sum h,
             // the first on ties; gains are >= 0, so their bits order like their values.
-            let (top, i) = self.best_prefix();
+            let (top, i) = self.gains_first_max();
             let pos = if top == 0 { None } else { Some(i) };
             let (support, ba, bh) = match pos {
                 Some(i) => (i + 1 - self.seq_pos[..self.nseq].iter().filter(|&&q| q as usize <= i).count(), self.pa[i], self.ph[i]),
@@ -333,10 +333,6 @@ impl Fitter {
             // (positions up to the best prefix), h x^2 outside; as bits + 1 (0 for the weights
             // taken), the first largest wins.
             let last_in = pos.map_or(0, |i| i + 1);
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            let j = if self.avx2 { unsafe { errors_first_max_avx2(&self.l_ax, &self.l_h, &self.live, n, last_in, s) } } else { self.errors_first_max(last_in, s) };
-            #[cfg(not(target_arch = "x86_64"))]
             let j = self.errors_first_max(last_in, s);
             let k = self.order[j] as usize;
             let (axj, hj) = (self.l_ax[j], self.l_h[j]);
@@ -357,10 +353,16 @@ impl Fitter {
     }
 
     /// The best support's gain scan of `predators`: gains `pa^2 / ph` of the weights left (0 for
-    /// those taken and where `ph` is 0), and the first largest: (its bits, its position).
+    /// those taken and where `ph` is 0), and the first largest: (its bits, its position). AVX2
+    /// where the entry point found it.
     #[inline(always)]
     fn gains_first_max(&mut self) -> (u64, usize) {
         let n = self.n;
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: `avx2` is set only by `detect_simd`, after checking the CPU has AVX2.
+            return unsafe { gains_first_max_avx2(&self.pa, &self.ph, &self.live, n) };
+        }
         for p in 0..n {
             let (a, hs) = (self.pa[p], self.ph[p]);
             self.g[p] = if self.live[p] > 0.0 && hs > 0.0 { a * a / hs } else { 0.0 };
@@ -370,10 +372,15 @@ impl Fitter {
 
     /// The predator scan of `predators`: weighted errors `h (|x| - s)^2` inside the support (the
     /// first `last_in` positions), `h x^2` outside, of the weights left; the first largest's
-    /// position (errors as bits + 1, 0 for the weights taken).
+    /// position (errors as bits + 1, 0 for the weights taken). AVX2 where the entry point found it.
     #[inline(always)]
     fn errors_first_max(&mut self, last_in: usize, s: f32) -> usize {
         let n = self.n;
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: `avx2` is set only by `detect_simd`, after checking the CPU has AVX2.
+            return unsafe { errors_first_max_avx2(&self.l_ax, &self.l_h, &self.live, n, last_in, s) };
+        }
         for p in 0..n {
             let d = self.l_ax[p] - if p < last_in { s } else { 0.0 };
             let e = self.l_h[p] * d * d;
@@ -424,7 +431,7 @@ impl Fitter {
         }
         self.live[..n].fill(1.0);
         self.live[n..n8].fill(0.0);
-        let (top, i) = self.best_prefix();
+        let (top, i) = self.gains_first_max();
         let (sup2, best_a, best_h) = if top == 0 { (0, 0.0, 0.0) } else { (i + 1, self.pa[i], self.ph[i]) };
         let keys = &self.keys[..n];
         let s2 = if sup2 > 0 { round_f16(best_a / best_h) } else { 0.0 };
@@ -519,7 +526,7 @@ impl Fitter {
             // The AVX2 pass also gathers the candidate's least-squares sums (used if it is kept).
             #[cfg(target_arch = "x86_64")]
             let (eacc, next) = if self.avx2 {
-                // SAFETY: `avx2` is set only by entry points that checked the CPU has AVX2.
+                // SAFETY: `avx2` is set only by `detect_simd`, after checking the CPU has AVX2.
                 let (e, s) = unsafe { assign_avx2(&self.xs[..n8], &self.hm[..n8], &self.mk[..n8], &mut self.nu[..n8], &mut self.nv[..n8], &mid, &lu, &lw, a, b) };
                 (e, Some(s))
             } else {
@@ -604,18 +611,6 @@ impl Fitter {
         unsafe { rank_sort_avx512(&mut self.keys[..n], &mut self.keys2[..n]) };
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("rank_sort needs x86-64 with AVX-512 ({n} keys)");
-    }
-
-    /// The best support's gain scan over `pa`/`ph` (see `gains_first_max`), AVX2 where the
-    /// entry point found it: (gain bits, position).
-    #[inline(always)]
-    fn best_prefix(&mut self) -> (u64, usize) {
-        #[cfg(target_arch = "x86_64")]
-        if self.avx2 {
-            // SAFETY: `avx2` is set only by `detect_simd`, after checking the CPU has AVX2.
-            return unsafe { gains_first_max_avx2(&self.pa, &self.ph, &self.live, self.n) };
-        }
-        self.gains_first_max()
     }
 
     /// `mk` = 1 and `hm` = h on the block's weights, 0 on the padding: the joint fit's masks
