@@ -185,14 +185,41 @@ def test_act_order_and_refit_keep_the_size_and_lower_the_output_error():
         # with the grid fixed up front the first pass already rounds to the stored scales
         gg = calibrate.gptq_quantize(w, h, 3.0, 64, act_order=act, grid_headroom=1.1)
         assert gg.nbytes == g.nbytes and err(gg) < 0.97 * err(plain)
+        # rows GPTQ kept are on the grid; any other row is plain's own (the runaway guard)
+        own = np.any(pp.decompress(gg) != pp.decompress(plain), axis=1)
         unit = _core.to_parts(plain)["row_scales"] * 1.1
-        np.testing.assert_allclose(_core.to_parts(gg)["row_scales"], unit, rtol=2**-10)
+        np.testing.assert_allclose(_core.to_parts(gg)["row_scales"][own], unit[own], rtol=2**-10)
+        assert np.array_equal(_core.to_parts(gg)["row_scales"][~own], _core.to_parts(plain)["row_scales"][~own])
         same = calibrate.gptq_quantize(w, h, 3.0, 64, act_order=act, fixed=gg)
-        assert np.array_equal(pp.decompress(same), pp.decompress(gg))
+        assert np.array_equal(pp.decompress(same)[own], pp.decompress(gg)[own])
+        assert err(same) <= err(gg) * (1 + 1e-6)
         # around the refitted scales: same options and size, a different encoding
         p2 = calibrate.gptq_quantize(w, h, 3.0, 64, act_order=act, fixed=r)
         assert p2.nbytes == g.nbytes and np.array_equal(_core.to_parts(p2)["s1"], pr["s1"])
         assert err(p2) < 1.05 * err(r)
+
+
+def test_gptq_never_ends_a_row_worse_than_its_start():
+    """A scale grid far too tight (a quarter of the row scale the plain fit needs) clamps the
+    scales GPTQ wants, and its error feedback then runs away on most rows; every such row must
+    fall back to the importance-weighted encoding, so no row's output error (w - q) H (w - q)^T
+    exceeds that encoding's and the size stays the same."""
+    w, x, h = _correlated_layer(30, 160)
+    plain = pp.compress(w, bits=3.0, block_size=64, importance=np.diag(h).astype(np.float32))
+
+    def row_err(p):
+        d = w.astype(np.float64) - pp.decompress(p)
+        return np.einsum("ij,ij->i", d @ h, d)
+
+    for fixed_grid in (0.25, 1.1):
+        q = calibrate.gptq_quantize(w, h, 3.0, 64, act_order=True, grid_headroom=fixed_grid)
+        assert q.nbytes == plain.nbytes
+        assert np.all(row_err(q) <= row_err(plain) * (1 + 1e-9))
+        fell_back = np.all(pp.decompress(q) == pp.decompress(plain), axis=1)
+        if fixed_grid == 0.25:
+            assert fell_back.mean() > 0.5  # the guard was needed, not idle
+        else:
+            assert fell_back.mean() < 0.5  # a fitting grid: GPTQ's rows are kept
 
 
 _U = np.array([-1, -1, -1, 0, 0, 0, 1, 1, 1], dtype=np.int8)

@@ -479,7 +479,32 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: float, block_size: i
     # fixed: the same scales, so the same row scales (8-bit grid); else the grid chosen above,
     # or (no headroom) one for the new fit
     keep = parts["row_scales"] if fixed is not None else units
-    return _core.from_parts(block_size, t1, s1, p2, t2, s2, pred, keep)
+    out = _core.from_parts(block_size, t1, s1, p2, t2, s2, pred, keep)
+    return _keep_better_rows(out, first, w, hessian)
+
+
+def _keep_better_rows(new: PackedMatrix, old: PackedMatrix, w: np.ndarray, hessian: np.ndarray) -> PackedMatrix:
+    """``new`` with every row whose output error (w - q) H (w - q)^T exceeds ``old``'s replaced
+    by ``old``'s row (codes, scales, predators and row scale; both must share the options:
+    plane-2 cells and predator counts, so the size is unchanged). GPTQ's feedback can run away
+    on a row, e.g. when the fixed scale grid clamps the scales it wants, and then end far worse
+    than the encoding it started from; this guard makes a GPTQ row never worse than that one."""
+    from . import _core, decompress
+
+    h = np.asarray(hessian, dtype=np.float64)
+    wd = np.asarray(w, dtype=np.float64)
+
+    def row_err(p: PackedMatrix) -> np.ndarray:
+        d = wd - decompress(p)
+        return np.einsum("ij,ij->i", d @ h, d)
+
+    worse = row_err(new) > row_err(old)
+    if not worse.any():
+        return new
+    pn, po = _core.to_parts(new), _core.to_parts(old)
+    for key in ("t1", "s1", "t2", "s2", "pred", "row_scales"):
+        pn[key][worse] = po[key][worse]
+    return _core.from_parts(new.block_size, pn["t1"], pn["s1"], pn["p2"], pn["t2"], pn["s2"], pn["pred"], pn["row_scales"])
 
 
 def refit_scales(packed: PackedMatrix, w: np.ndarray, hessian: np.ndarray, damp: float = 0.01,
