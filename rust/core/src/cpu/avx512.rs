@@ -261,6 +261,76 @@ fn prefetch_group(c: &Ctx, g: usize) {
     prefetch_range(&p.out_vals, a, b.saturating_sub(a));
 }
 
+/// The int8 activations of one batch vector for this kernel: `xf` is the padded float32 vector
+/// (`stride` values, a multiple of 64). Writes exactly what the scalar `Prep::new` writes: per
+/// 32-column chunk j the scale `sx[j]` and codes `xq[32 j..]` of `quantize_chunk` (same
+/// division, round half to even, clamp; NaN scale and zero codes for a chunk with a non-finite
+/// value, zero scale and codes for an all-zero chunk), the chunk sums `qsum[j]`, and for the
+/// first `n_sb` superblocks the layout `xt`, `sxt`, `qsumt` (`transpose8` of the superblock's
+/// codes; scales and sums permuted to lane order).
+///
+/// # Safety
+/// The CPU has the features of `group`; `xf.len() == xq.len() == xt.len()` is a multiple of
+/// 64, `sx`, `qsum`, `sxt`, `qsumt` hold `xf.len() / 32` values, and `512 n_sb <= xf.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,fma,f16c")]
+#[allow(clippy::too_many_arguments)] // the seven arrays of one batch vector
+pub(super) unsafe fn prep_int8(
+    xf: &[f32],
+    xq: &mut [i8],
+    sx: &mut [f32],
+    qsum: &mut [i32],
+    xt: &mut [i8],
+    sxt: &mut [f32],
+    qsumt: &mut [i32],
+    n_sb: usize,
+) {
+    let chunks = xf.len() / 32;
+    assert!(xq.len() == 32 * chunks && xt.len() == 32 * chunks && sx.len() == chunks && qsum.len() == chunks);
+    assert!(sxt.len() == chunks && qsumt.len() == chunks && 512 * n_sb <= xf.len());
+    let abs_mask = _mm512_set1_epi32(0x7FFF_FFFF);
+    let fmax = _mm512_set1_ps(f32::MAX);
+    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    for j in 0..chunks {
+        // SAFETY: 32 j + 32 <= xf.len() = xq.len(); j < chunks = sx.len() = qsum.len().
+        unsafe {
+            let a = _mm512_loadu_ps(xf.as_ptr().add(32 * j));
+            let b = _mm512_loadu_ps(xf.as_ptr().add(32 * j + 16));
+            let aa = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), abs_mask));
+            let ab = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(b), abs_mask));
+            // |v| <= MAX is false for NaN and +-Inf alike.
+            let finite = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(aa, fmax) & _mm512_cmp_ps_mask::<_CMP_LE_OQ>(ab, fmax);
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(aa, ab));
+            let s = if finite != 0xFFFF { f32::NAN } else { amax / 127.0 };
+            let (qa, qb) = if finite == 0xFFFF && s != 0.0 {
+                let sv = _mm512_set1_ps(s);
+                let ra = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_div_ps(a, sv));
+                let rb = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_div_ps(b, sv));
+                (_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(ra, lo), hi)), _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(rb, lo), hi)))
+            } else {
+                (_mm512_setzero_si512(), _mm512_setzero_si512())
+            };
+            sx[j] = s;
+            qsum[j] = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+            _mm_storeu_si128(xq.as_mut_ptr().add(32 * j) as *mut __m128i, _mm512_cvtsepi32_epi8(qa));
+            _mm_storeu_si128(xq.as_mut_ptr().add(32 * j + 16) as *mut __m128i, _mm512_cvtsepi32_epi8(qb));
+        }
+    }
+    // SAFETY: 16 aligned i32.
+    let lanes = unsafe { _mm512_load_si512(LANE_CHUNK.0.as_ptr() as *const _) };
+    for sb in 0..n_sb {
+        // SAFETY: 512 sb + 512 <= xf.len() = xq.len() = xt.len(); 16 sb + 16 <= chunks.
+        unsafe {
+            let v: [__m512i; 8] = core::array::from_fn(|i| _mm512_loadu_si512(xq.as_ptr().add(512 * sb + 64 * i) as *const _));
+            for (i, t) in transpose8(v).into_iter().enumerate() {
+                _mm512_storeu_si512(xt.as_mut_ptr().add(512 * sb + 64 * i) as *mut _, t);
+            }
+            _mm512_storeu_ps(sxt.as_mut_ptr().add(16 * sb), _mm512_permutexvar_ps(lanes, _mm512_loadu_ps(sx.as_ptr().add(16 * sb))));
+            let q = _mm512_loadu_si512(qsum.as_ptr().add(16 * sb) as *const _);
+            _mm512_storeu_si512(qsumt.as_mut_ptr().add(16 * sb) as *mut _, _mm512_permutexvar_epi32(lanes, q));
+        }
+    }
+}
+
 /// Transposes 8 vectors of 16 dwords (the 8 x 64 code bytes of a superblock, dword = 4
 /// columns): output `w`, dword `L = 4 m + j` = input `4 (m / 2) + j`, dword `8 (m % 2) + w`,
 /// i.e. the 4 columns at offset `4 w` of chunk `lane_chunk(L)`. Two stages of in-lane unpacks

@@ -319,41 +319,32 @@ impl Prep {
             dst[..k].copy_from_slice(src);
         }
         let (mut xq, mut nxq, mut sx, mut sxl) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut xt, mut sxt, mut qsum, mut qsumt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         if act == Activations::Int8 {
+            let nc = stride / QUANT_CHUNK;
             xq = vec![0i8; batch * stride];
-            sx = vec![0f32; batch * stride / QUANT_CHUNK];
-            for ((xs, qs), ss) in xf.chunks_exact(stride).zip(xq.chunks_exact_mut(stride)).zip(sx.chunks_exact_mut(stride / QUANT_CHUNK)) {
-                for ((c, q), s) in xs.chunks_exact(QUANT_CHUNK).zip(qs.chunks_exact_mut(QUANT_CHUNK)).zip(ss.iter_mut()) {
-                    *s = quantize_chunk(c, q);
+            sx = vec![0f32; batch * nc];
+            if cfg!(target_arch = "x86_64") && level == Level::Avx512 && level.supported() {
+                (xt, sxt, qsum, qsumt) = (vec![0i8; batch * stride], vec![0f32; batch * nc], vec![0i32; batch * nc], vec![0i32; batch * nc]);
+                #[cfg(target_arch = "x86_64")]
+                for b in 0..batch {
+                    let (v, c) = (b * stride..(b + 1) * stride, b * nc..(b + 1) * nc);
+                    // SAFETY: the CPU has AVX-512 (checked above); the slices have the lengths
+                    // `prep_int8` asks for (stride a multiple of 64, 512 * (padded_cols / 512) < stride).
+                    unsafe {
+                        avx512::prep_int8(&xf[v.clone()], &mut xq[v.clone()], &mut sx[c.clone()], &mut qsum[c.clone()],
+                                          &mut xt[v], &mut sxt[c.clone()], &mut qsumt[c], d.padded_cols / 512)
+                    };
+                }
+            } else {
+                for ((xs, qs), ss) in xf.chunks_exact(stride).zip(xq.chunks_exact_mut(stride)).zip(sx.chunks_exact_mut(nc)) {
+                    for ((c, q), s) in xs.chunks_exact(QUANT_CHUNK).zip(qs.chunks_exact_mut(QUANT_CHUNK)).zip(ss.iter_mut()) {
+                        *s = quantize_chunk(c, q);
+                    }
                 }
             }
             nxq = xq.iter().map(|&q| -q).collect();
             sxl = sx.iter().flat_map(|&s| [s; QUANT_CHUNK / 4]).collect();
-        }
-        let (mut xt, mut sxt, mut qsum, mut qsumt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        if act == Activations::Int8 && level == Level::Avx512 {
-            xt = vec![0i8; batch * stride];
-            sxt = vec![0f32; batch * stride / QUANT_CHUNK];
-            qsum = xq.chunks_exact(QUANT_CHUNK).map(|c| c.iter().map(|&v| v as i32).sum()).collect();
-            qsumt = vec![0i32; batch * stride / QUANT_CHUNK];
-            let n_sb = d.padded_cols / 512;
-            for b in 0..batch {
-                let (q, t) = (&xq[b * stride..(b + 1) * stride], &mut xt[b * stride..(b + 1) * stride]);
-                let (s, st) = (&sx[b * stride / 32..(b + 1) * stride / 32], &mut sxt[b * stride / 32..(b + 1) * stride / 32]);
-                let (qs, qst) = (&qsum[b * stride / 32..(b + 1) * stride / 32], &mut qsumt[b * stride / 32..(b + 1) * stride / 32]);
-                for sb in 0..n_sb {
-                    for l in 0..16 {
-                        let c = lane_chunk(l);
-                        st[16 * sb + l] = s[16 * sb + c];
-                        qst[16 * sb + l] = qs[16 * sb + c];
-                        for v in 0..8 {
-                            let from = 512 * sb + 32 * c + 4 * v;
-                            let to = 512 * sb + 64 * v + 4 * l;
-                            t[to..to + 4].copy_from_slice(&q[from..from + 4]);
-                        }
-                    }
-                }
-            }
         }
         Prep { stride, xf, xq, nxq, sx, sxl, xt, sxt, qsum, qsumt }
     }

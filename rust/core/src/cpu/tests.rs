@@ -438,6 +438,70 @@ fn quantize_chunk_rule() {
     assert!(quantize_chunk(&x, &mut q).is_nan());
 }
 
+/// The AVX-512 preparation of int8 activations writes exactly what the scalar rule gives
+/// (`quantize_chunk` per 32 columns) and the superblock layout its doc comments define: on
+/// random vectors of awkward lengths and magnitudes, chunks of exact ties (scale a power of two,
+/// values at n + 1/2 steps), all-zero chunks and chunks with NaN or +-Inf.
+#[test]
+fn avx512_int8_prep_matches_the_scalar_rule() {
+    if !levels().contains(&Level::Avx512) {
+        return;
+    }
+    let mut rng = Rng::new(41);
+    for trial in 0..300 {
+        let k = [1, 31, 32, 33, 511, 512, 513, 1000, 1024, 1536, 4097][trial % 11];
+        let block = [32, 64, 128, 256][trial % 4];
+        let batch = 1 + trial % 3;
+        let d = Dims::new(3, k, block).unwrap();
+        let mag = [1e-30f32, 1e-3, 1.0, 1e4, 1e30][trial % 5];
+        let mut x = random_x(&mut rng, batch * k, mag, trial % 2 == 0);
+        for c in 0..(batch * k).div_ceil(32) {
+            let chunk = &mut x[32 * c..(32 * c + 32).min(batch * k)];
+            match rng.below(8) {
+                0 => chunk.fill(0.0),
+                1 => {
+                    // scale 2^e exactly: the largest |v| is 127 * 2^e, the others on half steps
+                    let e = rng.below(20) as i32 - 10;
+                    for v in chunk.iter_mut() {
+                        *v = (rng.below(255) as f32 - 127.0 + if rng.below(2) == 0 { 0.5 } else { 0.0 }).clamp(-127.0, 127.0) * 2f32.powi(e);
+                    }
+                    chunk[0] = 127.0 * 2f32.powi(e);
+                }
+                2 => chunk[rng.below(chunk.len())] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][rng.below(3)],
+                _ => {}
+            }
+        }
+        let fast = Prep::new(&x, batch, &d, Activations::Int8, Level::Avx512);
+        let slow = Prep::new(&x, batch, &d, Activations::Int8, Level::Scalar);
+        let (st, nc) = (fast.stride, fast.stride / 32);
+        assert_eq!(st, slow.stride);
+        assert_eq!(fast.xq, slow.xq, "trial {trial}: codes");
+        let bits = |v: &[f32]| v.iter().map(|s| if s.is_nan() { u32::MAX } else { s.to_bits() }).collect::<Vec<_>>();
+        assert_eq!(bits(&fast.sx), bits(&slow.sx), "trial {trial}: scales");
+        assert_eq!(fast.nxq, slow.nxq);
+        assert_eq!(bits(&fast.sxl), bits(&slow.sxl));
+        let qsum: Vec<i32> = slow.xq.chunks_exact(32).map(|c| c.iter().map(|&v| v as i32).sum()).collect();
+        assert_eq!(fast.qsum, qsum, "trial {trial}: chunk sums");
+        let n_sb = d.padded_cols / 512;
+        for b in 0..batch {
+            for sb in 0..st / 512 {
+                for l in 0..16 {
+                    let (c, t) = (b * nc + 16 * sb + lane_chunk(l), b * nc + 16 * sb + l);
+                    let inside = sb < n_sb;
+                    assert_eq!(fast.sxt[t].to_bits(), if inside { fast.sx[c].to_bits() } else { 0 }, "trial {trial}");
+                    assert_eq!(fast.qsumt[t], if inside { qsum[c] } else { 0 }, "trial {trial}");
+                    for v in 0..8 {
+                        for j in 0..4 {
+                            let want = if inside { slow.xq[b * st + 512 * sb + 32 * lane_chunk(l) + 4 * v + j] } else { 0 };
+                            assert_eq!(fast.xt[b * st + 512 * sb + 64 * v + 4 * l + j], want, "trial {trial}: layout");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn shape_errors_before_work() {
     let p = random_packed(6, 40, 32, 0.5, 0.0, 1000);
