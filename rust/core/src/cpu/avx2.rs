@@ -32,6 +32,49 @@ pub(super) fn supported() -> bool {
         && std::arch::is_x86_feature_detected!("f16c")
 }
 
+/// `quantize_chunk` over every 32-column chunk of one padded float32 vector `xf` (scales to
+/// `sx`, codes to `xq`), with the same division, round half to even and clamp, so the same
+/// bytes: 8 lanes at a time instead of the scalar loop the baseline target compiles to.
+///
+/// # Safety
+/// The CPU has AVX2 ([`supported`]); `xf.len() == xq.len() == 32 * sx.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quantize_x(xf: &[f32], xq: &mut [i8], sx: &mut [f32]) {
+    assert!(xf.len() == 32 * sx.len() && xq.len() == xf.len());
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let fmax = _mm256_set1_ps(f32::MAX);
+    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    // packs leave 4-byte groups in the order a0 b0 c0 d0 a1 b1 c1 d1: put each source's two together
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (j, s_out) in sx.iter_mut().enumerate() {
+        // SAFETY: 32 j + 32 <= xf.len() = xq.len().
+        unsafe {
+            let v: [__m256; 4] = core::array::from_fn(|i| _mm256_loadu_ps(xf.as_ptr().add(32 * j + 8 * i)));
+            let a: [__m256; 4] = core::array::from_fn(|i| _mm256_and_ps(v[i], abs_mask));
+            // |v| <= MAX is false for NaN and +-Inf alike.
+            let fin = (0..4).fold(0xFF, |m, i| m & _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LE_OQ>(a[i], fmax)));
+            let m8 = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps::<1>(m8));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)));
+            let s = if fin != 0xFF { f32::NAN } else { amax / 127.0 };
+            *s_out = s;
+            let out = xq.as_mut_ptr().add(32 * j) as *mut __m256i;
+            if fin != 0xFF || s == 0.0 {
+                _mm256_storeu_si256(out, _mm256_setzero_si256());
+                continue;
+            }
+            let sv = _mm256_set1_ps(s);
+            let q: [__m256i; 4] = core::array::from_fn(|i| {
+                let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_div_ps(v[i], sv));
+                _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
+            });
+            let w = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            _mm256_storeu_si256(out, _mm256_permutevar8x32_epi32(w, order));
+        }
+    }
+}
+
 type GroupFn = unsafe fn(&Ctx, usize, usize, &mut [f32], &mut Scratch);
 
 fn pick<const NB: usize>(act: Activations) -> GroupFn {

@@ -336,6 +336,12 @@ impl Prep {
                                           &mut xt[v], &mut sxt[c.clone()], &mut qsumt[c], d.padded_cols / 512)
                     };
                 }
+            } else if cfg!(target_arch = "x86_64") && level == Level::Avx2 && level.supported() {
+                #[cfg(target_arch = "x86_64")]
+                for ((xs, qs), ss) in xf.chunks_exact(stride).zip(xq.chunks_exact_mut(stride)).zip(sx.chunks_exact_mut(nc)) {
+                    // SAFETY: the CPU has AVX2 + FMA + F16C (checked above); stride = 32 * nc.
+                    unsafe { avx2::quantize_x(xs, qs, ss) };
+                }
             } else {
                 for ((xs, qs), ss) in xf.chunks_exact(stride).zip(xq.chunks_exact_mut(stride)).zip(sx.chunks_exact_mut(nc)) {
                     for ((c, q), s) in xs.chunks_exact(QUANT_CHUNK).zip(qs.chunks_exact_mut(QUANT_CHUNK)).zip(ss.iter_mut()) {

@@ -438,15 +438,21 @@ fn quantize_chunk_rule() {
     assert!(quantize_chunk(&x, &mut q).is_nan());
 }
 
-/// The AVX-512 preparation of int8 activations writes exactly what the scalar rule gives
-/// (`quantize_chunk` per 32 columns) and the superblock layout its doc comments define: on
-/// random vectors of awkward lengths and magnitudes, chunks of exact ties (scale a power of two,
-/// values at n + 1/2 steps), all-zero chunks and chunks with NaN or +-Inf.
+/// The AVX2 and AVX-512 preparations of int8 activations write exactly what the scalar rule
+/// gives (`quantize_chunk` per 32 columns), and AVX-512 the superblock layout its doc comments
+/// define: on random vectors of awkward lengths and magnitudes, chunks of exact ties (scale a
+/// power of two, values at n + 1/2 steps), all-zero chunks and chunks with NaN or +-Inf.
 #[test]
-fn avx512_int8_prep_matches_the_scalar_rule() {
-    if !levels().contains(&Level::Avx512) {
-        return;
+fn simd_int8_prep_matches_the_scalar_rule() {
+    if levels().contains(&Level::Avx2) {
+        check_int8_prep(Level::Avx2);
     }
+    if levels().contains(&Level::Avx512) {
+        check_int8_prep(Level::Avx512);
+    }
+}
+
+fn check_int8_prep(level: Level) {
     let mut rng = Rng::new(41);
     for trial in 0..300 {
         let k = [1, 31, 32, 33, 511, 512, 513, 1000, 1024, 1536, 4097][trial % 11];
@@ -471,7 +477,7 @@ fn avx512_int8_prep_matches_the_scalar_rule() {
                 _ => {}
             }
         }
-        let fast = Prep::new(&x, batch, &d, Activations::Int8, Level::Avx512);
+        let fast = Prep::new(&x, batch, &d, Activations::Int8, level);
         let slow = Prep::new(&x, batch, &d, Activations::Int8, Level::Scalar);
         let (st, nc) = (fast.stride, fast.stride / 32);
         assert_eq!(st, slow.stride);
@@ -481,6 +487,9 @@ fn avx512_int8_prep_matches_the_scalar_rule() {
         assert_eq!(fast.nxq, slow.nxq);
         assert_eq!(bits(&fast.sxl), bits(&slow.sxl));
         let qsum: Vec<i32> = slow.xq.chunks_exact(32).map(|c| c.iter().map(|&v| v as i32).sum()).collect();
+        if level != Level::Avx512 {
+            continue;
+        }
         assert_eq!(fast.qsum, qsum, "trial {trial}: chunk sums");
         let n_sb = d.padded_cols / 512;
         for b in 0..batch {
