@@ -179,7 +179,26 @@ fn block_slices<'a>(w: &'a [f32], h: &'a [f32], d: &Dims, r: usize, b: usize) ->
 /// Per (group, block) decision at price `lambda` (error per bit): (plane2, counts per row),
 /// with its bit cost. `stats` holds the options of the group's rows.
 fn decide(stats: &[&[[f32; NM]; 2]], lambda: f64, pred_bits: f64, entry_bits: f64, allow_p2: bool) -> (bool, [u8; ROWS_PER_GROUP], f64) {
-    let lam_m: [f64; NM] = std::array::from_fn(|ci| lambda * pred_bits * PREDATOR_COUNTS[ci] as f64);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, all `decide_avx2` requires.
+        return unsafe { decide_avx2(stats, lambda, pred_bits, entry_bits, allow_p2) };
+    }
+    decide_impl::<false>(stats, lambda, pred_bits, entry_bits, allow_p2)
+}
+
+/// `decide` with its per-row choice of predator count in AVX2 (`argmin_avx2`): the same sums,
+/// so the same decisions (the bit allocation evaluates every cell ~20 times per matrix).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn decide_avx2(stats: &[&[[f32; NM]; 2]], lambda: f64, pred_bits: f64, entry_bits: f64, allow_p2: bool) -> (bool, [u8; ROWS_PER_GROUP], f64) {
+    decide_impl::<true>(stats, lambda, pred_bits, entry_bits, allow_p2)
+}
+
+#[inline(always)]
+fn decide_impl<const SIMD: bool>(stats: &[&[[f32; NM]; 2]], lambda: f64, pred_bits: f64, entry_bits: f64, allow_p2: bool) -> (bool, [u8; ROWS_PER_GROUP], f64) {
+    // lam_m[NM] = +inf pads the vector form to 8 lanes (never the minimum before a finite one).
+    let lam_m: [f64; 8] = std::array::from_fn(|ci| if ci < NM { lambda * pred_bits * PREDATOR_COUNTS[ci] as f64 } else { f64::INFINITY });
     let mut best = (false, [0u8; ROWS_PER_GROUP], f64::INFINITY, 0f64);
     for planes in 0..(if allow_p2 { 2 } else { 1 }) {
         let mut cost = if planes == 1 { lambda * entry_bits } else { 0.0 };
@@ -187,13 +206,11 @@ fn decide(stats: &[&[[f32; NM]; 2]], lambda: f64, pred_bits: f64, entry_bits: f6
         let mut counts = [0u8; ROWS_PER_GROUP];
         for (i, st) in stats.iter().enumerate() {
             let st = &st[planes];
-            let mut bc = (f64::INFINITY, 0usize);
-            for ci in 0..NM {
-                let c = st[ci] as f64 + lam_m[ci];
-                if c < bc.0 {
-                    bc = (c, ci);
-                }
-            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: SIMD is true only in `decide_avx2`, whose caller checked AVX2.
+            let bc = if SIMD { unsafe { argmin_avx2(st, &lam_m) } } else { argmin(st, &lam_m) };
+            #[cfg(not(target_arch = "x86_64"))]
+            let bc = argmin(st, &lam_m);
             cost += bc.0;
             bits += pred_bits * PREDATOR_COUNTS[bc.1] as f64;
             counts[i] = bc.1 as u8;
@@ -203,6 +220,45 @@ fn decide(stats: &[&[[f32; NM]; 2]], lambda: f64, pred_bits: f64, entry_bits: f6
         }
     }
     (best.0, best.1, best.3)
+}
+
+/// The cheapest predator count of one row-block at prices `lam_m`: (cost, index), the first
+/// index on ties; (inf, 0) when no option is available.
+#[inline(always)]
+fn argmin(st: &[f32; NM], lam_m: &[f64; 8]) -> (f64, usize) {
+    let mut bc = (f64::INFINITY, 0usize);
+    for ci in 0..NM {
+        let c = st[ci] as f64 + lam_m[ci];
+        if c < bc.0 {
+            bc = (c, ci);
+        }
+    }
+    bc
+}
+
+/// `argmin` in AVX2: the 7 costs in two vectors of 4 doubles (the 8th is +inf), their minimum,
+/// and the first lane equal to it; the same values and choice. Falls back to `argmin` if no
+/// lane equals the minimum (NaN costs, which valid stats never have).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn argmin_avx2(st: &[f32; NM], lam_m: &[f64; 8]) -> (f64, usize) {
+    use std::arch::x86_64::*;
+    const { assert!(NM == 7) };
+    // SAFETY (caller: AVX2): st[0..4] is in bounds; the masked load reads st[4..7] only.
+    unsafe {
+        let lo = _mm256_cvtps_pd(_mm_loadu_ps(st.as_ptr()));
+        let hi = _mm256_cvtps_pd(_mm_maskload_ps(st.as_ptr().add(4), _mm_setr_epi32(-1, -1, -1, 0)));
+        let a = _mm256_add_pd(lo, _mm256_loadu_pd(lam_m.as_ptr()));
+        let b = _mm256_add_pd(hi, _mm256_loadu_pd(lam_m.as_ptr().add(4)));
+        let m = _mm256_min_pd(a, b);
+        let m = _mm256_min_pd(m, _mm256_permute2f128_pd::<1>(m, m));
+        let m = _mm256_min_pd(m, _mm256_permute_pd::<5>(m));
+        let eq = _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_EQ_OQ>(a, m)) | (_mm256_movemask_pd(_mm256_cmp_pd::<_CMP_EQ_OQ>(b, m)) << 4);
+        if eq == 0 {
+            return argmin(st, lam_m);
+        }
+        (_mm256_cvtsd_f64(m), eq.trailing_zeros() as usize)
+    }
 }
 
 /// The importance to weight errors with: the given one, or all ones (plain squared error).
@@ -680,6 +736,37 @@ mod tests {
         }
         assert!(eres < 0.5 * e1s, "two planes should at least halve the error: {eres} vs {e1s}");
         assert!(ejoint <= eres);
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn simd_decide_matches_the_scalar_one() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut rng = Rng(5);
+        for trial in 0..20000 {
+            // errors with ties (values from a small set), unavailable options (+inf) and zeros
+            let stats: Vec<[[f32; NM]; 2]> = (0..1 + trial % 5).map(|_| std::array::from_fn(|_| std::array::from_fn(|_| {
+                match (rng.next() * 8.0) as u32 {
+                    0 => f32::INFINITY,
+                    1 => 0.0,
+                    2 => ((rng.next() * 4.0) as u32) as f32,
+                    _ => (rng.normal() * 10.0).abs() * 10f32.powi((rng.next() * 7.0) as i32 - 3),
+                }
+            }))).collect();
+            let refs: Vec<&[[f32; NM]; 2]> = stats.iter().collect();
+            let lambda = [0.0, 1e-6, 0.01, 0.3, 1.0, 7.5, 1e3, f64::INFINITY][trial % 8];
+            let (pb, eb) = ([32.0, 48.0][trial % 2], 8.0 * 71.0);
+            for allow in [false, true] {
+                let want = decide_impl::<false>(&refs, lambda, pb, eb, allow);
+                // SAFETY: AVX2 checked above.
+                let got = unsafe { decide_avx2(&refs, lambda, pb, eb, allow) };
+                assert_eq!(got.0, want.0, "trial {trial}");
+                assert_eq!(got.1, want.1, "trial {trial}");
+                assert_eq!(got.2.to_bits(), want.2.to_bits(), "trial {trial}");
+            }
+        }
     }
 
     #[test]
