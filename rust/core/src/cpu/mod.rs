@@ -324,29 +324,31 @@ impl Prep {
             let nc = stride / QUANT_CHUNK;
             xq = vec![0i8; batch * stride];
             sx = vec![0f32; batch * nc];
-            if cfg!(target_arch = "x86_64") && level == Level::Avx512 && level.supported() {
+            // The AVX-512 kernel also reads the superblock layout, which its preparation writes.
+            let avx512 = cfg!(target_arch = "x86_64") && level == Level::Avx512 && level.supported();
+            if avx512 {
                 (xt, sxt, qsum, qsumt) = (vec![0i8; batch * stride], vec![0f32; batch * nc], vec![0i32; batch * nc], vec![0i32; batch * nc]);
+            }
+            for b in 0..batch {
+                let (v, c) = (b * stride..(b + 1) * stride, b * nc..(b + 1) * nc);
+                let (xs, qs, ss) = (&xf[v.clone()], &mut xq[v.clone()], &mut sx[c.clone()]);
                 #[cfg(target_arch = "x86_64")]
-                for b in 0..batch {
-                    let (v, c) = (b * stride..(b + 1) * stride, b * nc..(b + 1) * nc);
+                match level {
                     // SAFETY: the CPU has AVX-512 (checked above); the slices have the lengths
                     // `prep_int8` asks for (stride a multiple of 64, 512 * (padded_cols / 512) < stride).
-                    unsafe {
-                        avx512::prep_int8(&xf[v.clone()], &mut xq[v.clone()], &mut sx[c.clone()], &mut qsum[c.clone()],
-                                          &mut xt[v], &mut sxt[c.clone()], &mut qsumt[c], d.padded_cols / 512)
-                    };
+                    Level::Avx512 if avx512 => unsafe {
+                        avx512::prep_int8(xs, qs, ss, &mut qsum[c.clone()], &mut xt[v], &mut sxt[c.clone()], &mut qsumt[c], d.padded_cols / 512);
+                        continue;
+                    },
+                    // SAFETY: the CPU has AVX2 + FMA + F16C (checked here); stride = 32 * nc.
+                    Level::Avx2 if level.supported() => unsafe {
+                        avx2::quantize_x(xs, qs, ss);
+                        continue;
+                    },
+                    _ => {}
                 }
-            } else if cfg!(target_arch = "x86_64") && level == Level::Avx2 && level.supported() {
-                #[cfg(target_arch = "x86_64")]
-                for ((xs, qs), ss) in xf.chunks_exact(stride).zip(xq.chunks_exact_mut(stride)).zip(sx.chunks_exact_mut(nc)) {
-                    // SAFETY: the CPU has AVX2 + FMA + F16C (checked above); stride = 32 * nc.
-                    unsafe { avx2::quantize_x(xs, qs, ss) };
-                }
-            } else {
-                for ((xs, qs), ss) in xf.chunks_exact(stride).zip(xq.chunks_exact_mut(stride)).zip(sx.chunks_exact_mut(nc)) {
-                    for ((c, q), s) in xs.chunks_exact(QUANT_CHUNK).zip(qs.chunks_exact_mut(QUANT_CHUNK)).zip(ss.iter_mut()) {
-                        *s = quantize_chunk(c, q);
-                    }
+                for ((ch, q), s) in xs.chunks_exact(QUANT_CHUNK).zip(qs.chunks_exact_mut(QUANT_CHUNK)).zip(ss.iter_mut()) {
+                    *s = quantize_chunk(ch, q);
                 }
             }
             nxq = xq.iter().map(|&q| -q).collect();
