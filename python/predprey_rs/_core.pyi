@@ -160,7 +160,8 @@ def get_num_threads() -> int:
     """Threads the CPU kernels use now."""
 
 def cpu_kernel() -> str:
-    """Which CPU kernel ``matvec`` uses on this machine ("avx512", "avx2", "scalar", ...)."""
+    """Which CPU kernel ``matvec`` uses on this machine: "avx512-vbmi-vnni", "avx2", "neon-dotprod",
+    "neon" or "scalar"."""
 
 def shader_source(name: str) -> str:
     """The WGSL source of ``shaders/<name>`` (embedded at build time); KeyError if unknown."""

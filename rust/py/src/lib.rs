@@ -274,7 +274,8 @@ fn get_num_threads() -> usize {
     cpu::num_threads()
 }
 
-/// Which CPU kernel `matvec` uses on this machine ("avx512", "avx2", "scalar", ...).
+/// Which CPU kernel `matvec` uses on this machine: "avx512-vbmi-vnni", "avx2", "neon-dotprod",
+/// "neon" or "scalar".
 #[pyfunction]
 fn cpu_kernel() -> &'static str {
     cpu::kernel_name()

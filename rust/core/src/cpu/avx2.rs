@@ -10,7 +10,7 @@
 #![allow(clippy::needless_range_loop)] // index loops over rows / batch vectors / lanes read best here
 
 use super::{Activations, Ctx, Scratch, BATCH_TILE};
-use crate::format::{scale_value, ROWS_PER_GROUP};
+use crate::format::ROWS_PER_GROUP;
 use core::arch::x86_64::*;
 
 const R: usize = ROWS_PER_GROUP;
@@ -123,21 +123,7 @@ pub(super) unsafe fn groups(c: &Ctx, g0: usize, out: &mut [f32], scratch: &mut S
 unsafe fn group<const NB: usize, const INT8: bool>(c: &Ctx, g: usize, b0: usize, out: &mut [f32], scratch: &mut Scratch) {
     let scr = &mut scratch.f[..];
     let p = c.p;
-    let (bs, kp, nb) = (c.d.block_size, c.d.padded_cols, c.d.n_blocks);
     let stride = c.x.stride;
-    // Plane-1 scales of the five rows as f32, row i at i * nb (0 for padding rows).
-    for i in 0..R {
-        let r = g * R + i;
-        let dst = &mut scr[i * nb..(i + 1) * nb];
-        if r >= p.rows {
-            dst.fill(0.0);
-            continue;
-        }
-        let u = p.row_scales[r];
-        for (d, &q) in dst.iter_mut().zip(&p.scales[r * nb..(r + 1) * nb]) {
-            *d = scale_value(q, u);
-        }
-    }
     let xf: [&[f32]; NB] = core::array::from_fn(|b| c.x.xf(b0 + b));
     let xq: [&[i8]; NB] = core::array::from_fn(|b| if INT8 { c.x.xq(b0 + b) } else { &[][..] });
     let sx: [&[f32]; NB] = core::array::from_fn(|b| if INT8 { c.x.sx(b0 + b) } else { &[][..] });
@@ -194,27 +180,14 @@ unsafe fn group<const NB: usize, const INT8: bool>(c: &Ctx, g: usize, b0: usize,
         }
     };
 
-    let codes = &p.codes[g * kp..(g + 1) * kp];
-    for v in 0..kp / 32 {
-        let blk = v * 32 / bs;
-        let sw: [f32; R] = core::array::from_fn(|i| scr[i * nb + blk]);
-        step(&codes[32 * v..32 * v + 32], 32 * v, sw);
-    }
-    for e in c.p2_entries(g) {
-        let blk = c.p2_block(e);
-        let sw: [f32; R] = core::array::from_fn(|i| if g * R + i < p.rows { p.p2_scale(e, g * R + i) } else { 0.0 });
-        let pc = &p.p2_codes[e * bs..(e + 1) * bs];
-        for u in 0..bs / 32 {
-            step(&pc[32 * u..32 * u + 32], blk * bs + 32 * u, sw);
-        }
-    }
+    super::walk_pieces(c, g, scr, &mut step);
 
     for i in 0..R {
         let r = g * R + i;
         for b in 0..NB {
             let mut y = hsum(acc[i][b]);
             if r < p.rows {
-                y += predators(c, r, xf[b]);
+                y += super::predators_f32(c, r, xf[b]);
             }
             out[i * c.batch + b0 + b] = y;
         }
@@ -227,17 +200,4 @@ fn hsum(v: __m256) -> f32 {
     // SAFETY: `a` is 8 floats, exactly one unaligned 256-bit store (AVX is implied by the callers' AVX2).
     unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
     ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
-}
-
-/// Sum of `value * x[col]` over the predators of row `r` (float32; invalid columns read 0).
-#[inline(always)]
-fn predators(c: &Ctx, r: usize, xf: &[f32]) -> f32 {
-    let p = c.p;
-    let range = c.predators(r);
-    let (cols, vals) = (&p.out_cols[range.clone()], &p.out_vals[range]);
-    let mut sum = 0f32;
-    for (&col, v) in cols.iter().zip(vals) {
-        sum += v.to_f32() * xf.get(col as usize).copied().unwrap_or(0.0);
-    }
-    sum
 }

@@ -18,6 +18,9 @@
 //!   the "balanced trick" below and masked adds of x.
 //! * `avx2` (x86-64 with AVX2 + FMA + F16C): digits by two 16-bit multiplies per row
 //!   (`d = hi16(3 * lo16(byte * ceil(2^16 / 3^(i+1))))`, exact for every byte 0..=242).
+//! * `neon-dotprod` / `neon` (aarch64): 16 code bytes split as `b = lo + 9 hi` by one
+//!   multiply-high, then one table lookup per row gives its ternary codes as signed bytes; int8
+//!   by `sdot` (or widening multiplies without the dot-product extension), float32 by FMA.
 //! * `scalar`: the reference kernel ([`scalar`]), float64 accumulation, obviously correct; every
 //!   fast path is tested against it.
 //!
@@ -48,6 +51,8 @@ use std::sync::{Arc, RwLock};
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 pub mod scalar;
 #[cfg(test)]
 mod tests;
@@ -83,11 +88,16 @@ pub enum Level {
     Avx2,
     /// x86-64 AVX-512 F/BW/VL/VBMI/VNNI (+ FMA, F16C).
     Avx512,
+    /// aarch64 NEON (every aarch64 CPU); int8 by widening multiplies.
+    Neon,
+    /// aarch64 NEON with the dot-product extension (`sdot`, ARMv8.2+); the float32 path is
+    /// [`Level::Neon`]'s.
+    NeonDot,
 }
 
 impl Level {
     /// All levels, slowest first.
-    pub const ALL: [Level; 3] = [Level::Scalar, Level::Avx2, Level::Avx512];
+    pub const ALL: [Level; 5] = [Level::Scalar, Level::Avx2, Level::Avx512, Level::Neon, Level::NeonDot];
 
     /// The name reported by [`kernel_name`].
     pub fn name(self) -> &'static str {
@@ -95,6 +105,8 @@ impl Level {
             Level::Scalar => "scalar",
             Level::Avx2 => "avx2",
             Level::Avx512 => "avx512-vbmi-vnni",
+            Level::Neon => "neon",
+            Level::NeonDot => "neon-dotprod",
         }
     }
 
@@ -106,7 +118,11 @@ impl Level {
             Level::Avx2 => avx2::supported(),
             #[cfg(target_arch = "x86_64")]
             Level::Avx512 => avx512::supported(),
-            #[cfg(not(target_arch = "x86_64"))]
+            #[cfg(target_arch = "aarch64")]
+            Level::Neon => true,
+            #[cfg(target_arch = "aarch64")]
+            Level::NeonDot => neon::has_dotprod(),
+            #[allow(unreachable_patterns)]
             _ => false,
         }
     }
@@ -118,7 +134,8 @@ impl Level {
     }
 }
 
-/// Name of the fast kernel selected on this CPU: "avx512-vbmi-vnni", "avx2" or "scalar".
+/// Name of the fast kernel selected on this CPU: "avx512-vbmi-vnni", "avx2", "neon-dotprod",
+/// "neon" or "scalar".
 pub fn kernel_name() -> &'static str {
     Level::detect().name()
 }
@@ -164,6 +181,10 @@ pub fn matmul_with(
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above, for the AVX2 + FMA + F16C features of the AVX2 kernels.
             Level::Avx2 => unsafe { avx2::groups(&ctx, g0, out, &mut scratch) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: `ctx` was built by `check` + `Prep::new` (the sizes `Ctx` documents);
+            // `sdot` is used only for NeonDot, whose support (dotprod) was checked above.
+            Level::Neon | Level::NeonDot => unsafe { neon::groups(&ctx, g0, out, &mut scratch, level == Level::NeonDot) },
             _ => scalar::groups(&ctx, g0, out),
         }
     };
@@ -276,14 +297,67 @@ impl Ctx<'_> {
     }
 }
 
+/// The walk of the 32-column kernels (AVX2, NEON) over group `g`: every 32 code bytes of its
+/// plane-1 codes, then of its plane-2 entries, as `step(codes, first column, row scales)` (32
+/// columns always lie in one block, B >= 32). Fills `scr[i * nb + blk]` with the plane-1 block
+/// scales of row `i` (0 for padding rows) first; `scr` holds >= 5 nb floats.
+#[inline(always)]
+pub(crate) fn walk_pieces(c: &Ctx, g: usize, scr: &mut [f32], mut step: impl FnMut(&[u8], usize, [f32; ROWS_PER_GROUP])) {
+    const R: usize = ROWS_PER_GROUP;
+    let p = c.p;
+    let (bs, kp, nb) = (c.d.block_size, c.d.padded_cols, c.d.n_blocks);
+    for i in 0..R {
+        let r = g * R + i;
+        let dst = &mut scr[i * nb..(i + 1) * nb];
+        if r >= p.rows {
+            dst.fill(0.0);
+            continue;
+        }
+        let u = p.row_scales[r];
+        for (d, &q) in dst.iter_mut().zip(&p.scales[r * nb..(r + 1) * nb]) {
+            *d = crate::format::scale_value(q, u);
+        }
+    }
+    let codes = &p.codes[g * kp..(g + 1) * kp];
+    for v in 0..kp / 32 {
+        let blk = v * 32 / bs;
+        let sw: [f32; R] = core::array::from_fn(|i| scr[i * nb + blk]);
+        step(&codes[32 * v..32 * v + 32], 32 * v, sw);
+    }
+    for e in c.p2_entries(g) {
+        let blk = c.p2_block(e);
+        let sw: [f32; R] = core::array::from_fn(|i| if g * R + i < p.rows { p.p2_scale(e, g * R + i) } else { 0.0 });
+        let pc = &p.p2_codes[e * bs..(e + 1) * bs];
+        for u in 0..bs / 32 {
+            step(&pc[32 * u..32 * u + 32], blk * bs + 32 * u, sw);
+        }
+    }
+}
+
+/// Sum of `value * x[col]` over the predators of row `r`, in float32, one at a time (invalid
+/// columns read 0): the predator pass of the AVX2 and NEON kernels.
+#[inline(always)]
+pub(crate) fn predators_f32(c: &Ctx, r: usize, xf: &[f32]) -> f32 {
+    let p = c.p;
+    let range = c.predators(r);
+    let (cols, vals) = (&p.out_cols[range.clone()], &p.out_vals[range]);
+    let mut sum = 0f32;
+    for (&col, v) in cols.iter().zip(vals) {
+        sum += v.to_f32() * xf.get(col as usize).copied().unwrap_or(0.0);
+    }
+    sum
+}
+
 /// The 32-column chunk (0..16) that dword lane `l` of the AVX-512 superblock layout covers:
 /// lane `l = 4 m + j` holds source vector `4 (m / 2) + j`, half `m % 2` (see `avx512::transpose8`).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const fn lane_chunk(l: usize) -> usize {
     let (m, j) = (l / 4, l % 4);
     2 * (4 * (m / 2) + j) + m % 2
 }
 
 /// The activations, padded and (for int8) quantized once per call.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Prep {
     /// Values per batch vector in `xf`, `xq`, `nxq`: a multiple of 64, at least `kv + 64`.
     pub stride: usize,

@@ -279,6 +279,27 @@ fn digit_decoders_match_the_format() {
 }
 
 #[test]
+#[cfg(target_arch = "aarch64")]
+fn neon_digit_split_matches_the_format() {
+    for b in 0..=255u8 {
+        let (lo, hi) = neon::split_formula(b);
+        if b <= 242 {
+            assert_eq!((lo, hi), (b % 9, b / 9), "split of byte {b}");
+            for i in 0..5 {
+                let idx = if i < 2 { lo } else { hi } as usize;
+                assert_eq!(neon::TABLES[i][idx] as i32, DIGITS[b as usize][i] as i32 - 1, "table, byte {b} row {i}");
+            }
+        } else {
+            // Invalid bytes: `hi` past the 27 defined entries (rows 0, 1 are masked in the kernel).
+            assert!((27..32).contains(&hi), "byte {b}: hi = {hi}");
+            for i in 2..5 {
+                assert_eq!(neon::TABLES[i][hi as usize], 0, "table, invalid byte {b} row {i}");
+            }
+        }
+    }
+}
+
+#[test]
 fn scalar_reference_matches_dense() {
     let p = random_packed(23, 200, 64, 0.6, 0.02, 1);
     let mut rng = Rng::new(2);
@@ -578,6 +599,10 @@ fn public_entry_points_agree() {
         assert_eq!(y1, run(Level::detect(), &p, &x[300..600], 1, act));
     }
     assert_eq!(kernel_name(), Level::detect().name());
+    // The cross tests (tests/cross_aarch64.sh) say which kernel the emulated CPU must get.
+    if let Ok(want) = std::env::var("PREDPREY_EXPECT_KERNEL") {
+        assert_eq!(kernel_name(), want, "kernel picked for this CPU");
+    }
 }
 
 #[test]
@@ -650,7 +675,8 @@ fn timing_print() {
                         Level::Avx512 => unsafe { avx512::groups(&ctx, 0, &mut out, &mut scratch) },
                         // SAFETY: as above.
                         Level::Avx2 => unsafe { avx2::groups(&ctx, 0, &mut out, &mut scratch) },
-                        Level::Scalar => scalar::groups(&ctx, 0, &mut out),
+                        // (the NEON levels are never supported on x86-64)
+                        Level::Scalar | Level::Neon | Level::NeonDot => scalar::groups(&ctx, 0, &mut out),
                     };
                     if level == Level::Avx512 {
                         let mut tp: Vec<f64> = (0..10).map(|_| {
