@@ -362,6 +362,10 @@ fn larger_matrix_parallel_path() {
     check_all(&p, &[1, 4], 401, 1.0, false);
     let p = random_packed(96, 1537, 32, 0.5, 0.01, 402);
     check_all(&p, &[1], 403, 1.0, true);
+    // K >= 4096: the AVX-512 kernel adds the predators after all groups of a task (N not a
+    // multiple of 5, batches that tile, single-call and parallel paths).
+    let p = random_packed(53, 4500, 64, 0.6, 0.03, 404);
+    check_all(&p, &[1, 3, 9], 405, 1.0, false);
 }
 
 #[test]
