@@ -3,13 +3,13 @@
 //! Same decisions as the first fitter (kept as `reference.rs` and tested against it), organised
 //! so that nothing is computed twice and the hot loops vectorise:
 //!
-//! * one sort by |x| per block (AVX-512: a rank count, 8 keys per compare); the one-plane fit
+//! * one sort by |x| per block (AVX-512: a bitonic network over 8 registers); the one-plane fit
 //!   with m = 0 predators is the first step of the predator sequence and is reused as plane 1
 //!   of the joint fit;
 //! * the sorted list's prefix sums are computed once; taking a predator subtracts it from the
 //!   later prefixes and masks its own (no rescan); the gain and error scans are branch-free
 //!   (AVX2: the first maximum tracked per lane in the same pass);
-//! * the residual `x - s1 t1` is ordered by the same rank count (AVX-512), else by merging the
+//! * the residual `x - s1 t1` is ordered by the same network (AVX-512), else by merging the
 //!   three runs it is already sorted in (the support above s1, the support below s1 reversed,
 //!   the rest);
 //! * the joint refinement assigns the nearest of the 9 levels by counting the midpoints below
@@ -274,8 +274,8 @@ impl Fitter {
         for (i, (k, &v)) in self.keys[..n].iter_mut().zip(x).enumerate() {
             *k = key(v, i);
         }
-        if self.has_rank_sort(n) {
-            self.rank_sort(n);
+        if self.has_vector_sort(n) {
+            self.vector_sort(n);
         } else {
             sort_desc(&mut self.keys[..n], &mut self.keys2[..n]);
         }
@@ -406,12 +406,12 @@ impl Fitter {
         for ((r, &xv), &u) in self.resid[..n].iter_mut().zip(x).zip(&self.u[..n]) {
             *r = xv - s1 * u;
         }
-        if self.has_rank_sort(n) {
-            // Order the residual by |r| descending: one rank sort (cheaper than the merges).
+        if self.has_vector_sort(n) {
+            // Order the residual by |r| descending: one network sort (cheaper than the merges).
             for (k, key_k) in self.keys[..n].iter_mut().enumerate() {
                 *key_k = key(self.resid[k], k);
             }
-            self.rank_sort(n);
+            self.vector_sort(n);
         } else {
             self.order_residual(x, sup, s1);
         }
@@ -597,20 +597,20 @@ impl Fitter {
         self.avx2
     }
 
-    /// Whether `rank_sort` can sort `n` keys (AVX-512 F, at most 64 keys).
+    /// Whether `vector_sort` can sort `n` keys (AVX-512 F, at most 64 keys).
     #[inline(always)]
-    fn has_rank_sort(&self, n: usize) -> bool {
+    fn has_vector_sort(&self, n: usize) -> bool {
         cfg!(target_arch = "x86_64") && self.avx512 && n <= 64
     }
 
-    /// Sorts `keys[..n]` descending with the AVX-512 rank count; only where `has_rank_sort(n)`.
+    /// Sorts `keys[..n]` descending with the AVX-512 bitonic network; only where `has_vector_sort(n)`.
     #[inline(always)]
-    fn rank_sort(&mut self, n: usize) {
+    fn vector_sort(&mut self, n: usize) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `avx512` is set only by `detect_simd`, after checking the CPU has AVX-512 F.
-        unsafe { rank_sort_avx512(&mut self.keys[..n], &mut self.keys2[..n]) };
+        unsafe { bitonic_sort_avx512(&mut self.keys[..n]) };
         #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("rank_sort needs x86-64 with AVX-512 ({n} keys)");
+        unreachable!("vector_sort needs x86-64 with AVX-512 ({n} keys)");
     }
 
     /// `mk` = 1 and `hm` = h on the block's weights, 0 on the padding: the joint fit's masks
@@ -951,37 +951,91 @@ unsafe fn errors_first_max_avx2(ax: &[f32; MAXB], hh: &[f32; MAXB], live: &[f32;
     (0..8).filter(|&l| bv[l] == top).map(|l| bp[l] as usize).min().unwrap_or(0)
 }
 
-/// `sort_desc` for up to 64 keys with AVX-512: each key's place is the number of larger keys,
-/// counted for 8 keys at once per broadcast key (an unsigned compare into a mask and a masked
-/// subtract), half the operations of the 4-lane AVX2 count. Callers must check AVX-512 F.
+/// The compare-exchange stages of a bitonic sorting network over 64 keys: (run length k,
+/// distance j), k = 2, 4, .., 64 and j = k / 2, .., 1.
+const BITONIC: [(usize, usize); 21] = {
+    let mut s = [(0, 0); 21];
+    let (mut k, mut n) = (2, 0);
+    while k <= 64 {
+        let mut j = k / 2;
+        while j > 0 {
+            s[n] = (k, j);
+            n += 1;
+            j /= 2;
+        }
+        k *= 2;
+    }
+    s
+};
+
+/// For the stages with j < 8 (partner in the same 8-key register): per stage and register r,
+/// the lanes that keep the larger key of their pair. Key `i = 8 r + l` lies in a run sorted
+/// descending when `i & k == 0` (so the last stage, k = 64, sorts everything descending), where
+/// the lower index of a pair keeps the larger key; in an ascending run it keeps the smaller.
+const BITONIC_MASKS: [[u8; 8]; 21] = {
+    let mut m = [[0u8; 8]; 21];
+    let mut st = 0;
+    while st < 21 {
+        let (k, j) = BITONIC[st];
+        let mut r = 0;
+        while r < 8 {
+            let mut l = 0;
+            while l < 8 {
+                let i = 8 * r + l;
+                let desc = i & k == 0;
+                let lower = i & j == 0;
+                if desc == lower {
+                    m[st][r] |= 1 << l;
+                }
+                l += 1;
+            }
+            r += 1;
+        }
+        st += 1;
+    }
+    m
+};
+
+/// `sort_desc` for up to 64 keys with AVX-512: a bitonic network over 8 registers of 8 keys
+/// (padded with 0, below every key): 6 stages between registers (min/max), 15 inside them
+/// (a permute to the partner lane, min/max, a blend), ~530 vector operations against the
+/// ~1100 of counting each key's rank (the method before it: 320 -> 230 ns per 64 keys on Zen 4,
+/// the same order). Callers must check AVX-512 F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn rank_sort_avx512(keys: &mut [u64], tmp: &mut [u64]) {
+unsafe fn bitonic_sort_avx512(keys: &mut [u64]) {
     use std::arch::x86_64::*;
     let n = keys.len();
-    assert!(n <= 64 && tmp.len() == n);
-    // Padding keys of 0 are below every key (keys are non-zero), so they count for none.
+    assert!(n <= 64);
     let mut buf = [0u64; 64];
     buf[..n].copy_from_slice(keys);
-    let chunks = n.div_ceil(8);
-    let kv: [__m512i; 8] = std::array::from_fn(|c| _mm512_loadu_si512(buf.as_ptr().add(8 * c) as *const _));
-    let mut rank = [_mm512_setzero_si512(); 8];
-    let minus1 = _mm512_set1_epi64(-1);
-    for &kj in &buf[..n] {
-        let b = _mm512_set1_epi64(kj as i64);
-        for c in 0..chunks {
-            let m = _mm512_cmpgt_epu64_mask(b, kv[c]);
-            rank[c] = _mm512_mask_sub_epi64(rank[c], m, rank[c], minus1);
+    // SAFETY: buf holds 64 keys: 8 loads of 8.
+    let mut v: [__m512i; 8] = std::array::from_fn(|r| unsafe { _mm512_loadu_si512(buf.as_ptr().add(8 * r) as *const _) });
+    let lanes = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+    for (st, &(k, j)) in BITONIC.iter().enumerate() {
+        if j >= 8 {
+            let d = j / 8;
+            for r in 0..8 {
+                if r & d == 0 {
+                    let (lo, hi) = (_mm512_min_epu64(v[r], v[r | d]), _mm512_max_epu64(v[r], v[r | d]));
+                    // Whole registers: key 8 r lies in a descending run when 8 r & k == 0.
+                    (v[r], v[r | d]) = if (8 * r) & k == 0 { (hi, lo) } else { (lo, hi) };
+                }
+            }
+        } else {
+            let idx = _mm512_xor_si512(lanes, _mm512_set1_epi64(j as i64));
+            for r in 0..8 {
+                let p = _mm512_permutexvar_epi64(idx, v[r]);
+                let (lo, hi) = (_mm512_min_epu64(v[r], p), _mm512_max_epu64(v[r], p));
+                v[r] = _mm512_mask_blend_epi64(BITONIC_MASKS[st][r], lo, hi);
+            }
         }
     }
-    let mut r = [0u64; 64];
-    for (c, v) in rank.iter().enumerate().take(chunks) {
-        _mm512_storeu_si512(r.as_mut_ptr().add(8 * c) as *mut _, *v);
+    for (r, vr) in v.iter().enumerate() {
+        // SAFETY: 8 keys per register into buf's 64.
+        unsafe { _mm512_storeu_si512(buf.as_mut_ptr().add(8 * r) as *mut _, *vr) };
     }
-    for i in 0..n {
-        tmp[r[i] as usize] = buf[i];
-    }
-    keys.copy_from_slice(tmp);
+    keys.copy_from_slice(&buf[..n]);
 }
 
 /// `Fitter::assign` with AVX2, 8 weights at a time: the count of midpoints below each weight
@@ -1046,7 +1100,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rank_sort_matches_the_library_sort() {
+    fn vector_sorts_match_the_library_sort() {
         let mut st = 0x9E3779B97F4A7C15u64;
         for n in 0..=80 {
             // Few distinct magnitudes, so many ties broken by index.
@@ -1061,12 +1115,12 @@ mod tests {
             let mut tmp = vec![0u64; n];
             #[cfg(target_arch = "x86_64")]
             if n <= 64 && std::is_x86_feature_detected!("avx512f") {
-                let mut c = a.clone();
-                // SAFETY: AVX-512 F checked just above.
-                unsafe { rank_sort_avx512(&mut c, &mut tmp) };
                 let mut d = a.clone();
                 d.sort_unstable_by(|p, q| q.cmp(p));
-                assert_eq!(c, d, "AVX-512, n = {n}");
+                let mut e = a.clone();
+                // SAFETY: AVX-512 F checked just above.
+                unsafe { bitonic_sort_avx512(&mut e) };
+                assert_eq!(e, d, "AVX-512 bitonic, n = {n}");
             }
             sort_desc(&mut a, &mut tmp);
             b.sort_unstable_by(|p, q| q.cmp(p));
