@@ -256,7 +256,6 @@ unsafe fn row_scales(c: &Ctx, g: usize, scr: &mut Scratch) {
 /// hardware prefetcher alone loses about half the speed once a matrix falls out of L3).
 const AHEAD: usize = 4096;
 
-
 /// Prefetch hint for the cache line holding `p` (any address: a prefetch never faults).
 #[inline(always)]
 fn prefetch<T>(p: *const T) {
@@ -278,8 +277,9 @@ fn prefetch_range<T>(s: &[T], start: usize, len: usize) {
     }
 }
 
-/// Prefetches the per-group arrays of group `g` (scales, plane-2 entries' blocks and scales),
-/// read once each, to hide their latency behind the current group.
+/// Prefetches the per-group arrays of group `g` (scales, plane-2 entries' blocks and scales,
+/// and its predators where they are added per group), read once each, to hide their latency
+/// behind the current group.
 #[inline(always)]
 fn prefetch_group(c: &Ctx, g: usize) {
     let p = c.p;
@@ -291,6 +291,14 @@ fn prefetch_group(c: &Ctx, g: usize) {
     let es = c.p2_entries(g);
     prefetch_range(&p.p2_block, es.start, es.len());
     prefetch_range(&p.p2_scales, es.start * R, es.len() * R);
+    if !predators_after(c) {
+        let r0 = g * R;
+        let r1 = (r0 + R).min(p.rows);
+        let m = p.out_vals.len();
+        let (a, b) = ((p.out_ptr[r0] as usize).min(m), (p.out_ptr[r1] as usize).min(m));
+        prefetch_range(&p.out_cols, a, b.saturating_sub(a));
+        prefetch_range(&p.out_vals, a, b.saturating_sub(a));
+    }
 }
 
 /// The int8 activations of one batch vector for this kernel: `xf` is the padded float32 vector

@@ -142,6 +142,11 @@ unsafe fn group<const NB: usize, const INT8: bool>(c: &Ctx, g: usize, b0: usize,
     unsafe { group_impl::<NB, INT8, false>(c, g, b0, out, scratch) }
 }
 
+/// The kernel of [`group`] and [`group_dot`]: `INT8` int8 activations (else float32), `DOT`
+/// with `sdot` (else widening multiplies).
+///
+/// # Safety
+/// As for [`groups`]; `DOT` only inside a function with the dotprod feature on a CPU that has it.
 #[inline(always)]
 unsafe fn group_impl<const NB: usize, const INT8: bool, const DOT: bool>(c: &Ctx, g: usize, b0: usize, out: &mut [f32], scratch: &mut Scratch) {
     let scr = &mut scratch.f[..];
