@@ -953,6 +953,7 @@ unsafe fn errors_first_max_avx2(ax: &[f32; MAXB], hh: &[f32; MAXB], live: &[f32;
 
 /// The compare-exchange stages of a bitonic sorting network over 64 keys: (run length k,
 /// distance j), k = 2, 4, .., 64 and j = k / 2, .., 1.
+#[cfg(target_arch = "x86_64")]
 const BITONIC: [(usize, usize); 21] = {
     let mut s = [(0, 0); 21];
     let (mut k, mut n) = (2, 0);
@@ -972,6 +973,7 @@ const BITONIC: [(usize, usize); 21] = {
 /// the lanes that keep the larger key of their pair. Key `i = 8 r + l` lies in a run sorted
 /// descending when `i & k == 0` (so the last stage, k = 64, sorts everything descending), where
 /// the lower index of a pair keeps the larger key; in an ascending run it keeps the smaller.
+#[cfg(target_arch = "x86_64")]
 const BITONIC_MASKS: [[u8; 8]; 21] = {
     let mut m = [[0u8; 8]; 21];
     let mut st = 0;
