@@ -124,9 +124,7 @@ unsafe fn group<const NB: usize, const INT8: bool>(c: &Ctx, g: usize, b0: usize,
     let scr = &mut scratch.f[..];
     let p = c.p;
     let stride = c.x.stride;
-    let xf: [&[f32]; NB] = core::array::from_fn(|b| c.x.xf(b0 + b));
-    let xq: [&[i8]; NB] = core::array::from_fn(|b| if INT8 { c.x.xq(b0 + b) } else { &[][..] });
-    let sx: [&[f32]; NB] = core::array::from_fn(|b| if INT8 { c.x.sx(b0 + b) } else { &[][..] });
+    let (xf, xq, sx) = c.x.tile::<NB>(b0, INT8);
     let mut acc = [[_mm256_setzero_ps(); NB]; R];
 
     // One 32-byte code vector against columns col..col + 32, row scales `sw`.

@@ -260,9 +260,9 @@ impl Scratch {
 
 /// Everything a kernel reads, with the sizes it relies on:
 /// * `p` passed `check` (array lengths as in FORMAT.md for `d`);
-/// * `x.xf[b]` (and, for int8, `x.xq[b]`, `x.nxq[b]`) hold `x.stride >= kv + 64` values, where
-///   `kv` is `padded_cols` rounded up to 64, zero past K; `x.sxl[b]` holds `stride / 4` and
-///   `x.sx[b]` `stride / 32` values.
+/// * `x.xf[b]` (and, for int8, `x.xq[b]`; for int8 on AVX-512 also `x.nxq[b]`) hold
+///   `x.stride >= kv + 64` values, where `kv` is `padded_cols` rounded up to 64, zero past K;
+///   `x.sx[b]` holds `stride / 32` values and (int8 on AVX-512) `x.sxl[b]` `stride / 4`.
 pub(crate) struct Ctx<'a> {
     pub p: &'a PackedMatrix,
     pub d: Dims,
@@ -365,11 +365,12 @@ pub(crate) struct Prep {
     pub xf: Vec<f32>,
     /// Quantized x, [batch][stride] (int8 only, else empty).
     pub xq: Vec<i8>,
-    /// -xq (int8 only).
+    /// -xq (int8 + AVX-512 only: the 64-column steps past the superblocks read it).
     pub nxq: Vec<i8>,
     /// Chunk scales s_j, [batch][stride / 32] (int8 only).
     pub sx: Vec<f32>,
-    /// s_j repeated for each 4-column lane of its chunk, [batch][stride / 4] (int8 only).
+    /// s_j repeated for each 4-column lane of its chunk, [batch][stride / 4] (int8 + AVX-512
+    /// only, like `nxq`).
     pub sxl: Vec<f32>,
     /// xq in the superblock layout of the AVX-512 kernel (int8 + AVX-512 only, else empty):
     /// for superblock `sb` (columns 512 sb..), vector `v` (0..8), lane `L` (0..16), byte `j`:
@@ -425,8 +426,10 @@ impl Prep {
                     *s = quantize_chunk(ch, q);
                 }
             }
-            nxq = xq.iter().map(|&q| -q).collect();
-            sxl = sx.iter().flat_map(|&s| [s; QUANT_CHUNK / 4]).collect();
+            if avx512 {
+                nxq = xq.iter().map(|&q| -q).collect();
+                sxl = sx.iter().flat_map(|&s| [s; QUANT_CHUNK / 4]).collect();
+            }
         }
         Prep { stride, xf, xq, nxq, sx, sxl, xt, sxt, qsum, qsumt }
     }
@@ -445,6 +448,17 @@ impl Prep {
     pub fn sx(&self, b: usize) -> &[f32] {
         let n = self.stride / QUANT_CHUNK;
         &self.sx[b * n..(b + 1) * n]
+    }
+    /// The activations of batch vectors `b0..b0 + NB` as the 32-column kernels (AVX2, NEON)
+    /// read them: float32, and for `int8` the quantized codes and chunk scales (else empty).
+    #[inline(always)]
+    #[allow(clippy::type_complexity)]
+    pub fn tile<const NB: usize>(&self, b0: usize, int8: bool) -> ([&[f32]; NB], [&[i8]; NB], [&[f32]; NB]) {
+        (
+            core::array::from_fn(|b| self.xf(b0 + b)),
+            core::array::from_fn(|b| if int8 { self.xq(b0 + b) } else { &[][..] }),
+            core::array::from_fn(|b| if int8 { self.sx(b0 + b) } else { &[][..] }),
+        )
     }
 }
 

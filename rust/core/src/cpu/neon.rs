@@ -152,9 +152,7 @@ unsafe fn group_impl<const NB: usize, const INT8: bool, const DOT: bool>(c: &Ctx
     let scr = &mut scratch.f[..];
     let p = c.p;
     let stride = c.x.stride;
-    let xf: [&[f32]; NB] = core::array::from_fn(|b| c.x.xf(b0 + b));
-    let xq: [&[i8]; NB] = core::array::from_fn(|b| if INT8 { c.x.xq(b0 + b) } else { &[][..] });
-    let sx: [&[f32]; NB] = core::array::from_fn(|b| if INT8 { c.x.sx(b0 + b) } else { &[][..] });
+    let (xf, xq, sx) = c.x.tile::<NB>(b0, INT8);
     // SAFETY (all intrinsics below): NEON is part of every aarch64 target; `sdot` only when
     // DOT, which only `group_dot` (dotprod enabled, checked by the caller) instantiates.
     let (tlo, thi) = unsafe {
