@@ -107,7 +107,7 @@ if b:
     for shape in dict.fromkeys(s["shape"] for s in b.get("sweep", [])):
         best = min((s for s in b["sweep"] if s["shape"] == shape), key=lambda s: s["us"])
         print(f"  best launch ({shape}, B=1): fast={best.get('fast', 0)} "
-              f"wg={best['wg']} direct={best['direct']} "
+              f"wg={best['wg']} direct={best['direct']} xperm={best.get('xperm', 0)} "
               f"{best['gbps']:.4g} GB/s ({100 * best['gbps'] / b['copy_gbps']:.0f}% of copy)")
 else:
     print("bench: no result (see bench.log)")

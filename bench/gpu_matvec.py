@@ -78,7 +78,7 @@ def time_ours(ctx, mats, batch, trials, warm_s=None):
     calls = []
     for m in mats:
         pr = m._prepare(batch)
-        m._write_x(np.ones((batch, m.shape[1]), np.float32))
+        m._write_x(np.ones((batch, m.shape[1]), np.float32), pr[-1])
         calls.append(lambda cpass, m=m, pr=pr: m._dispatch(cpass, batch, pr))
     return time_rotation(ctx, calls, trials, warm_s)
 
@@ -261,8 +261,9 @@ def main(argv=None) -> int:
 # launch shapes tried by --sweep at batch 1: the fast kernel (predprey_gemv1.wgsl) over its
 # workgroup sizes and DIRECT (2: rows 0-1 summed directly, exact to float32; 0: two FMAs fewer per
 # byte, ~1e-5 rel. error), plus the general kernel's best known shape for reference
-SWEEP_CONFIGS = ([{"fast": 1, "wg": wg, "gpw": 1, "direct": d} for wg in (64, 128, 256, 32) for d in (2, 0)]
-                 + [{"fast": 0, "wg": 64, "gpw": 1, "direct": 2}])
+SWEEP_CONFIGS = ([{"fast": 1, "wg": wg, "gpw": 1, "direct": d, "xperm": xp} for wg in (64, 128, 256, 32) for d in (2, 0)
+                  for xp in (1, 0)]
+                 + [{"fast": 0, "wg": 64, "gpw": 1, "direct": 2, "xperm": 0}])
 
 
 def sweep(args, ctx, rng, l2, cap, trials, sweep_mats, result, emit) -> None:
@@ -315,12 +316,12 @@ def print_table(info, copy, l2, rows) -> None:
 
 
 def print_sweep(sweep_rows, rows, copy) -> None:
-    print("\nlaunch sweep, batch 1 (cold), best 5 of each shape and the default (fast=1, wg by K, direct=2):")
+    print("\nlaunch sweep, batch 1 (cold), best 5 of each shape and the default (fast=1, wg by K, direct=2, xperm=1):")
     for shape in dict.fromkeys(s["shape"] for s in sweep_rows):
         mine = sorted((s for s in sweep_rows if s["shape"] == shape), key=lambda s: s["us"])
         default = [r for r in rows if r["shape"] == shape and r["batch"] == 1]
         for s in mine[:5]:
-            print(f"  {shape:>10} fast={s.get('fast', 0)} wg={s['wg']:<4} gpw={s['gpw']} direct={s['direct']}  {s['us']:8.1f} us  "
+            print(f"  {shape:>10} fast={s.get('fast', 0)} wg={s['wg']:<4} gpw={s['gpw']} direct={s['direct']} xperm={s.get('xperm', 0)}  {s['us']:8.1f} us  "
                   f"{s['gbps']:7.4g} GB/s  {100 * s['gbps'] / copy['gbps']:.0f}% of copy")
         if default:
             print(f"  {shape:>10} default               {default[0]['ours_us']:8.1f} us  "

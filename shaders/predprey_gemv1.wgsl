@@ -20,7 +20,12 @@
 //
 // Buffer layout (as predprey_gemv.wgsl):
 //   @binding(0) P        uniform Params.
-//   @binding(1) x        f32 [S*NB, Kp] as vec4<f32>: input rows, zero past column K.
+//   @binding(1) x        f32 [S*NB, Kp] as vec4<f32>: input rows, zero past column K. With XPERM
+//                        (the default) each row is chunk-transposed: the j-th vec4 (columns
+//                        16c+4j .. 16c+4j+3) of 16-column chunk c sits at vec4 c + j * Kp/16, so
+//                        the threads of a subgroup, on consecutive chunks, read consecutive
+//                        vec4s (one contiguous span per load instead of a 64-byte stride);
+//                        without it, rows are plain (vec4 4c + j).
 //   @binding(2) y        f32 [S*NB, P.y_stride]: outputs; this chunk writes row0 .. row0+rows.
 //   @binding(3) codes    u8  [G, Kp]   plane-1 codes, base 3 over the 5 rows of a group.
 //   @binding(4) scales   u8  [N, nb]   plane-1 block-scale codes (times the row unit, below).
@@ -63,6 +68,7 @@ struct Params {
 
 override WG: u32 = 128u;     // threads per workgroup, a power of two
 override DIRECT: u32 = 2u;   // rows 0 .. DIRECT-1 (at most 2) accumulate t_i directly
+override XPERM: bool = true; // x rows chunk-transposed (see the buffer layout above)
 
 const ACC_N: u32 = 20u;      // what the reduction sums: 5 rows (main) or 5 rows x 4 batch rows (main4)
 const INV3: f32 = 1.0 / 3.0;
@@ -120,6 +126,16 @@ fn combine(a: Acc5, s: Acc5, c0: f32, c1: f32, c2: f32, c3: f32, c4: f32) -> Acc
     let t2 = fma(-3.0, s.a3, s.a2);
     let t3 = fma(-3.0, s.a4, s.a3);
     return Acc5(fma(c0, t0, a.a0), fma(c1, t1, a.a1), fma(c2, t2, a.a2), fma(c3, t3, a.a3), fma(c4, s.a4, a.a4));
+}
+
+// vec4 index, inside a row of x, of columns 16c+4j .. 16c+4j+3 (chunk c, part j)
+fn xv(c: u32, j: u32) -> u32 {
+    return select(c * 4u + j, c + j * P.kp16, XPERM);
+}
+
+// x[col] of the row whose first vec4 is xrow
+fn x_col(xrow: u32, col: u32) -> f32 {
+    return x[xrow + xv(col >> 4u, (col >> 2u) & 3u)][col & 3u];
 }
 
 fn f16_at(off: u32, i: u32) -> f32 {
@@ -202,16 +218,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let cc1 = select(c, c1, has1);
         let q0 = codes[cb + c];
         let q1 = codes[cb + cc1];
-        let xa = xrow + c * 4u;
-        let xb = xrow + cc1 * 4u;
-        let xa0 = x[xa];
-        let xa1 = x[xa + 1u];
-        let xa2 = x[xa + 2u];
-        let xa3 = x[xa + 3u];
-        let xb0 = x[xb];
-        let xb1 = x[xb + 1u];
-        let xb2 = x[xb + 2u];
-        let xb3 = x[xb + 3u];
+        let xa0 = x[xrow + xv(c, 0u)];
+        let xa1 = x[xrow + xv(c, 1u)];
+        let xa2 = x[xrow + xv(c, 2u)];
+        let xa3 = x[xrow + xv(c, 3u)];
+        let xb0 = x[xrow + xv(cc1, 0u)];
+        let xb1 = x[xrow + xv(cc1, 1u)];
+        let xb2 = x[xrow + xv(cc1, 2u)];
+        let xb3 = x[xrow + xv(cc1, 3u)];
         let sa = scales5(rb, c >> sh4);
         let sb = scales5(rb, cc1 >> sh4);
         a = combine(a, chunk16(q0, xa0, xa1, xa2, xa3), sa.a0, sa.a1, sa.a2, sa.a3, sa.a4);
@@ -230,8 +244,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let c = t & mask4;
             let blk = u16_at(P.off_p2_block, e);
             let q = p2codes[(e << sh4) + c];
-            let xb = xrow + (blk << (P.log2_b - 2u)) + c * 4u;
-            let s = chunk16(q, x[xb], x[xb + 1u], x[xb + 2u], x[xb + 3u]);
+            let cc = (blk << sh4) + c;   // chunk index of these 16 columns in the row
+            let s = chunk16(q, x[xrow + xv(cc, 0u)], x[xrow + xv(cc, 1u)], x[xrow + xv(cc, 2u)], x[xrow + xv(cc, 3u)]);
             let s2 = p2scales5(e);
             a = combine(a, s, s2.a0, s2.a1, s2.a2, s2.a3, s2.a4);
         } else {
@@ -242,7 +256,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             } else {
                 col = aux[P.off_out_cols + m];
             }
-            let v = f16_at(P.off_out_vals, m) * x[xrow + (col >> 2u)][col & 3u];
+            let v = f16_at(P.off_out_vals, m) * x_col(xrow, col);
             a.a0 += select(0.0, v, m < p1);
             a.a1 += select(0.0, v, m >= p1 && m < p2);
             a.a2 += select(0.0, v, m >= p2 && m < p3);
@@ -299,14 +313,18 @@ fn word5v(w: u32, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>, s:
     return o;
 }
 
-// 16 columns starting at vec4 index xb of batch row 0 (rows P.x_stride4 apart)
-fn chunk16v(q: vec4<u32>, xb: u32) -> Acc5v {
+// 16 columns (chunk c) of the 4 batch rows starting at vec4 xrow (rows P.x_stride4 apart)
+fn chunk16v(q: vec4<u32>, xrow: u32, c: u32) -> Acc5v {
     let st = P.x_stride4;
+    let i0 = xrow + xv(c, 0u);
+    let i1 = xrow + xv(c, 1u);
+    let i2 = xrow + xv(c, 2u);
+    let i3 = xrow + xv(c, 3u);
     var s = Acc5v(vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0));
-    s = word5v(q.x, x[xb], x[xb + st], x[xb + 2u * st], x[xb + 3u * st], s);
-    s = word5v(q.y, x[xb + 1u], x[xb + 1u + st], x[xb + 1u + 2u * st], x[xb + 1u + 3u * st], s);
-    s = word5v(q.z, x[xb + 2u], x[xb + 2u + st], x[xb + 2u + 2u * st], x[xb + 2u + 3u * st], s);
-    s = word5v(q.w, x[xb + 3u], x[xb + 3u + st], x[xb + 3u + 2u * st], x[xb + 3u + 3u * st], s);
+    s = word5v(q.x, x[i0], x[i0 + st], x[i0 + 2u * st], x[i0 + 3u * st], s);
+    s = word5v(q.y, x[i1], x[i1 + st], x[i1 + 2u * st], x[i1 + 3u * st], s);
+    s = word5v(q.z, x[i2], x[i2 + st], x[i2 + 2u * st], x[i2 + 3u * st], s);
+    s = word5v(q.w, x[i3], x[i3 + st], x[i3 + 2u * st], x[i3 + 3u * st], s);
     return s;
 }
 
@@ -319,14 +337,14 @@ fn combinev(a: Acc5v, s: Acc5v, c0: f32, c1: f32, c2: f32, c3: f32, c4: f32) -> 
                  fma(vec4(c3), t3, a.a3), fma(vec4(c4), s.a4, a.a4));
 }
 
-fn add_chunkv(a: Acc5v, q: vec4<u32>, xb: u32, rb: u32, blk: u32) -> Acc5v {
+fn add_chunkv(a: Acc5v, q: vec4<u32>, xrow: u32, c: u32, rb: u32, blk: u32) -> Acc5v {
     let sc = scales5(rb, blk);
-    return combinev(a, chunk16v(q, xb), sc.a0, sc.a1, sc.a2, sc.a3, sc.a4);
+    return combinev(a, chunk16v(q, xrow, c), sc.a0, sc.a1, sc.a2, sc.a3, sc.a4);
 }
 
 fn x4_at(xrow: u32, col: u32) -> vec4<f32> {
     let st = P.x_stride4;
-    let i = xrow + (col >> 2u);
+    let i = xrow + xv(col >> 4u, (col >> 2u) & 3u);
     let j = col & 3u;
     return vec4(x[i][j], x[i + st][j], x[i + 2u * st][j], x[i + 3u * st][j]);
 }
@@ -360,7 +378,7 @@ fn main4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
 
     let cb = g * kp16;
     for (var c = lid; c < kp16; c += WG) {
-        a = add_chunkv(a, codes[cb + c], xrow + c * 4u, rb, c >> sh4);
+        a = add_chunkv(a, codes[cb + c], xrow, c, rb, c >> sh4);
     }
 
     let n2 = (e1 - e0) << sh4;
@@ -372,7 +390,7 @@ fn main4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
             let c = t & mask4;
             let blk = u16_at(P.off_p2_block, e);
             let q = p2codes[(e << sh4) + c];
-            let s = chunk16v(q, xrow + (blk << (P.log2_b - 2u)) + c * 4u);
+            let s = chunk16v(q, xrow, (blk << sh4) + c);
             let s2 = p2scales5(e);
             a = combinev(a, s, s2.a0, s2.a1, s2.a2, s2.a3, s2.a4);
         } else {

@@ -134,6 +134,15 @@ def test_general_kernel(gpu, rng, monkeypatch):
     check(gpu, p, rng, [0, 1, 3, 8, 11], "general kernel")
 
 
+@pytest.mark.parametrize("shape", [(17, 63), (257, 1000)])
+def test_fast_kernel_with_plain_x_rows(gpu, rng, monkeypatch, shape):
+    """The fast kernel reads x chunk-transposed by default; PREDPREY_GPU_TUNE xperm=0 (kept for
+    the bench's A/B) reads plain rows: both layouts, batch 1 and the 4-row slices."""
+    monkeypatch.setenv("PREDPREY_GPU_TUNE", "xperm=0")
+    p = _synth.random_packed(rng[0], *shape, block_size=32, plane2=0.5, predators=0.02)
+    check(gpu, p, rng, [0, 1, 5], "plain x rows")
+
+
 def test_every_batch_1_to_8_and_sliced_batches(gpu, rng):
     """Batch 1 and batches of 2+ (z slices of 4 batch rows, the last one partly used) are
     separate entry points; batches past the rows held on the GPU at once (256) run as several

@@ -264,7 +264,7 @@ def kernel_bandwidth(ctx, rng: np.random.Generator, shape=(4096, 4096), block: i
     preps = []
     for m in mats:
         preps.append(m._prepare(1))
-        m._write_x(x[None, :])
+        m._write_x(x[None, :], preps[-1][-1])
 
     def record(cpass):
         for m, pr in zip(mats, preps):

@@ -310,7 +310,8 @@ class _Chunk:
 
 def _tune() -> dict:
     """PREDPREY_GPU_TUNE="wg=128,gpw=2": overrides of the launch heuristics (for benchmarks).
-    Keys: wg, gpw, direct, fast (0: the general predprey_gemv.wgsl instead of predprey_gemv1)."""
+    Keys: wg, gpw, direct, fast (0: the general predprey_gemv.wgsl instead of predprey_gemv1),
+    xperm (0: plain x rows for the fast kernel instead of chunk-transposed ones)."""
     out = {}
     for part in os.environ.get("PREDPREY_GPU_TUNE", "").replace(";", ",").split(","):
         if "=" in part:
@@ -444,15 +445,17 @@ class GpuMatrix:
                 entries=[{"binding": i, "resource": {"buffer": r, "offset": 0, "size": r.size}} for i, r in enumerate(res)],
             )
 
-    def _launch_config(self, batch: int) -> tuple[int, int, int, int, int, bool]:
-        """(NB, slices, GPW, WG, DIRECT, fast) for a batch of `batch` rows. ``fast`` (the default;
-        PREDPREY_GPU_TUNE fast=0 turns it off): predprey_gemv1.wgsl, entry ``main`` for batch 1
-        and ``main4`` (z slices of NB = 4 batch rows) for larger batches; else predprey_gemv.wgsl
-        with NB <= 8 batch rows per slice."""
+    def _launch_config(self, batch: int) -> tuple[int, int, int, int, int, bool, bool]:
+        """(NB, slices, GPW, WG, DIRECT, fast, xperm) for a batch of `batch` rows. ``fast`` (the
+        default; PREDPREY_GPU_TUNE fast=0 turns it off): predprey_gemv1.wgsl, entry ``main`` for
+        batch 1 and ``main4`` (z slices of NB = 4 batch rows) for larger batches, reading x rows
+        chunk-transposed (``xperm``, see the shader's header) unless xperm=0; else
+        predprey_gemv.wgsl with NB <= 8 batch rows per slice (plain x rows)."""
         t = _tune()
         kp16 = self._kp // 16
         direct = int(t.get("direct", 2))
         fast = bool(t.get("fast", 1))
+        xperm = fast and bool(t.get("xperm", 1))
         if fast:
             nb = 1 if batch == 1 else 4
             slices, gpw = -(-batch // nb), 1
@@ -471,12 +474,12 @@ class GpuMatrix:
         if wg not in (32, 64, 128, 256) or gpw < 1 or 5 * gpw * nb > 40 or direct not in (0, 1, 2):
             raise ValueError(f"PREDPREY_GPU_TUNE gives wg={wg}, gpw={gpw}, direct={direct}; need wg in "
                              "32..256 (a power of 2), gpw*NB <= 8, direct in 0..2")
-        return nb, slices, gpw, wg, direct, fast
+        return nb, slices, gpw, wg, direct, fast, xperm
 
-    def _pipeline(self, nb: int, gpw: int, wg: int, direct: int, fast: bool = False):
+    def _pipeline(self, nb: int, gpw: int, wg: int, direct: int, fast: bool = False, xperm: bool = False):
         entry = "main"
         if fast:
-            const = {"WG": wg, "DIRECT": direct}
+            const = {"WG": wg, "DIRECT": direct, "XPERM": xperm}
             shader = "predprey_gemv1.wgsl"
             entry = "main" if nb == 1 else "main4"
         else:
@@ -487,13 +490,14 @@ class GpuMatrix:
         return self._ctx.pipeline(shader, _GEMV_KINDS, const, entry=entry)
 
     def _prepare(self, batch: int):
-        nb, slices, gpw, wg, direct, fast = self._launch_config(batch)
+        """What one product of `batch` rows needs: (pipeline, NB, slices, GPW, xperm)."""
+        nb, slices, gpw, wg, direct, fast, xperm = self._launch_config(batch)
         self._ensure_capacity(slices * nb)
-        return self._pipeline(nb, gpw, wg, direct, fast), nb, slices, gpw
+        return self._pipeline(nb, gpw, wg, direct, fast, xperm), nb, slices, gpw, xperm
 
     def _dispatch(self, cpass, batch: int, prepared=None) -> None:
         """Record the dispatches of one product of `batch` rows into an open compute pass."""
-        pipe, nb, slices, gpw = prepared or self._prepare(batch)
+        pipe, nb, slices, gpw, _ = prepared or self._prepare(batch)
         cpass.set_pipeline(pipe)
         for c in self._chunks:
             n_wg = -(-c.groups // gpw)
@@ -502,10 +506,16 @@ class GpuMatrix:
             cpass.set_bind_group(0, c.bind_group)
             cpass.dispatch_workgroups(gx, gy, slices)
 
-    def _write_x(self, xs: np.ndarray) -> None:
+    def _write_x(self, xs: np.ndarray, xperm: bool = False) -> None:
+        """Rows of X to the GPU, zero-padded to Kp columns; with ``xperm`` chunk-transposed (the
+        j-th 4 columns of 16-column chunk c at vec4 c + j * Kp/16, as the fast kernel reads)."""
         b, k = xs.shape
         self._xhost[:b, :k] = xs
-        self._ctx.device.queue.write_buffer(self._x, 0, self._xhost[:b])
+        rows = self._xhost[:b]
+        if xperm:
+            kp16 = self._kp // 16
+            rows = np.ascontiguousarray(rows.reshape(b, kp16, 4, 4).transpose(0, 2, 1, 3))
+        self._ctx.device.queue.write_buffer(self._x, 0, rows)
 
     def _run(self, xs: np.ndarray) -> np.ndarray:
         n, k = self.shape
@@ -517,7 +527,7 @@ class GpuMatrix:
                 part = xs[s0:s0 + step]
                 rows = part.shape[0]
                 prepared = self._prepare(rows)
-                self._write_x(part)
+                self._write_x(part, prepared[-1])
                 dev = self._ctx.device
                 enc = dev.create_command_encoder()
                 cpass = enc.begin_compute_pass()
