@@ -13,7 +13,8 @@
 #   mkdir -p .gl /tmp/amd64/partial; o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
 #   apt-get $o update; (cd .gl && apt-get $o download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
 # Run there, from the repo root:   bash bench/device_check.sh
-# Logs and JSON go to $OUT when it is set (else /tmp/predprey_device_check).
+# Logs and JSON go to $OUT when it is set (else /tmp/predprey_device_check). PARTS=0 skips the
+# last step (the bench on plane 1 alone, + plane 2, + predators, and plain x rows).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -85,6 +86,7 @@ if chk:
     for r in chk["adapters"]:
         res = "pass" if r.get("passed") else "FAIL " + (r.get("error") or "; ".join(r.get("failures", []))[:120])
         err = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "-"
+        err += f" (int8 vs cpu {r['max_rel_err_int8']:.1e})" if "max_rel_err_int8" in r else ""
         gbps = f"{r['gbps']:.3g} GB/s = {r['pct_of_copy']:.0f}% of copy" if "gbps" in r else "-"
         print(f"gpu-check: {r['backend']:7} {r['device'][:32]:32} {r['variant']:9} max rel err {err}  {res}  {gbps}")
 else:
@@ -93,17 +95,24 @@ b = load("bench.json")
 if b:
     print(f"bench on {b['adapter']['device']} via {b['adapter']['backend']} ({b['adapter']['kernel_variant']}), "
           f"copy {b['copy_gbps']:.4g} GB/s, per-dispatch floor {b.get('dispatch_floor_us', float('nan')):.2f} us, L2 {b['l2_mb']} MiB:")
-    print(f"  {'shape':>10} {'B':>2} {'ours us':>9} {'GB/s':>7} {'%copy':>6} {'copy@size us':>12} {'x dense':>8} {'x torch':>8}")
+    print(f"  {'shape':>10} {'B':>2} {'ours us':>9} {'GB/s':>7} {'%copy':>6} {'copy@size us':>12} {'x dense':>8} {'x torch':>8}"
+          f" {'int8 us':>8} {'%copy':>6} {'x dense':>8}")
     for r in b["rows"]:
         xd = f"{r['speedup_vs_dense']:.2f}" if "speedup_vs_dense" in r else "-"
         xt = f"{r['speedup_vs_torch']:.2f}" if "speedup_vs_torch" in r else "-"
+        i8 = (f"{r['int8_us']:8.1f} {r['int8_pct_of_copy']:5.0f}% {r.get('int8_speedup_vs_dense', float('nan')):8.2f}"
+              if "int8_us" in r else f"{'-':>8} {'-':>6} {'-':>8}")
         print(f"  {r['shape']:>10} {r['batch']:>2} {r['ours_us']:9.1f} {r['ours_gbps']:7.4g} {r['pct_of_copy']:5.0f}% "
-              f"{r.get('copy_at_size_us', float('nan')):12.1f} {xd:>8} {xt:>8}")
+              f"{r.get('copy_at_size_us', float('nan')):12.1f} {xd:>8} {xt:>8} {i8}")
     one = [r for r in b["rows"] if r["batch"] == 1]
     if one:
         pct = min(r["pct_of_copy"] for r in one)
         xd = min((r.get("speedup_vs_dense", 0) for r in one), default=0)
         print(f"goal at batch 1: >= 75% of copy (worst shape {pct:.0f}%), >= 4x dense f16 (worst {xd:.2f}x)")
+        if all("int8_us" in r for r in one):
+            pct8 = min(r["int8_pct_of_copy"] for r in one)
+            xd8 = min((r.get("int8_speedup_vs_dense", 0) for r in one), default=0)
+            print(f"  the same with int8 activations: worst {pct8:.0f}% of copy, worst {xd8:.2f}x dense f16")
     for shape in dict.fromkeys(s["shape"] for s in b.get("sweep", [])):
         best = min((s for s in b["sweep"] if s["shape"] == shape), key=lambda s: s["us"])
         print(f"  best launch ({shape}, B=1): fast={best.get('fast', 0)} "
@@ -112,4 +121,20 @@ if b:
 else:
     print("bench: no result (see bench.log)")
 EOF
+# where the time goes by part of the format (plane 1 alone, + plane 2, + predators) and the x
+# layout A/B at batch 8, while the time allows (the checks above come first)
+ps=${PARTS_SHAPES:-4096x14336,8192x28672}
+if [ "${PARTS:-1}" = "1" ] && [ $(($(date +%s) - start)) -lt 200 ]; then
+    for cfg in "0 0" "0.5 0" "0 0.005"; do
+        set -- $cfg
+        say "parts: plane2=$1 predators=$2"
+        timeout 30 python3 bench/gpu_matvec.py --shapes $ps --batches 1 --plane2 $1 \
+            --predators $2 --no-dense --no-torch --trials 5 ${PARTS_ARGS:-} >"$out/parts_$1_$2.txt" 2>&1
+        grep -E "^ *[0-9]+x[0-9]+ " "$out/parts_$1_$2.txt"
+    done
+    say "plain x rows (xperm=0), batches 1 and 8"
+    PREDPREY_GPU_TUNE=xperm=0 timeout 30 python3 bench/gpu_matvec.py --shapes ${ps%%,*} --batches 1,8 \
+        --no-dense --no-torch --no-int8 --trials 5 ${PARTS_ARGS:-} >"$out/xperm0.txt" 2>&1
+    grep -E "^ *[0-9]+x[0-9]+ " "$out/xperm0.txt"
+fi
 say "done"

@@ -7,7 +7,8 @@ matrices totalling > 3x the GPU's L2 ("cold") and on one matrix ("hot"); our den
 GEMV on the same device (cold); a WGSL copy kernel for the achievable bandwidth; and, where
 torch with CUDA is installed, torch fp16 ``W @ x``. Printed: median time (spread over trials),
 effective GB/s = packed bytes / time, % of the measured copy bandwidth, speed-up over the dense
-kernel (and torch).
+kernel (and torch); the same for our kernel with int8 activations (``activations="int8"``: x
+quantized per 32 columns as on the CPU, dot4I8Packed sums; cold) unless --no-int8.
 
     python bench/gpu_matvec.py                      # 4096x14336, 14336x4096, 8192x28672; batch 1, 4, 8
     python bench/gpu_matvec.py --quick              # fewer trials (software adapters)
@@ -74,12 +75,12 @@ def time_rotation(ctx, calls, trials, warm_s=None):
     return gb.summarize([t / len(calls) for t in times]), src
 
 
-def time_ours(ctx, mats, batch, trials, warm_s=None):
+def time_ours(ctx, mats, batch, trials, warm_s=None, int8=False):
     calls = []
     for m in mats:
-        pr = m._prepare(batch)
-        m._write_x(np.ones((batch, m.shape[1]), np.float32), pr[-1])
-        calls.append(lambda cpass, m=m, pr=pr: m._dispatch(cpass, batch, pr))
+        pr = m._prepare(batch, int8)
+        m._write_x(np.ones((batch, m.shape[1]), np.float32), pr)
+        calls.append(lambda cpass, m=m, pr=pr: m._dispatch(cpass, pr))
     return time_rotation(ctx, calls, trials, warm_s)
 
 
@@ -160,6 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="3 trials, fewer copies (software adapters)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense FP16 baseline")
     ap.add_argument("--no-torch", action="store_true", help="skip torch even where it is installed")
+    ap.add_argument("--no-int8", action="store_true", help="skip our kernel with int8 activations")
     ap.add_argument("--sweep", action="store_true",
                     help="also time launch shapes (SWEEP_CONFIGS: fast, wg, direct) at batch 1 on 4096x14336 and 14336x4096")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -219,16 +221,23 @@ def main(argv=None) -> int:
                    "ours_hot_gbps": mats[0].nbytes / hot["median_s"] / 1e9}
             row["pct_of_copy"] = 100 * row["ours_gbps"] / copy["gbps"]
             row["copy_at_size_us"] = copy_at_us
+            if not args.no_int8:
+                i8, _ = time_ours(ctx, mats, b, trials, int8=True)
+                row.update(int8_us=i8["median_s"] * 1e6, int8_gbps=mats[0].nbytes / i8["median_s"] / 1e9)
+                row["int8_pct_of_copy"] = 100 * row["int8_gbps"] / copy["gbps"]
             if dens:
                 d = time_dense(ctx, dens, b, trials)
                 row.update(dense_us=d["median_s"] * 1e6, dense_gbps=n * k * 2 / d["median_s"] / 1e9,
                            speedup_vs_dense=d["median_s"] / cold["median_s"])
+                if "int8_us" in row:
+                    row["int8_speedup_vs_dense"] = d["median_s"] * 1e6 / row["int8_us"]
             if not args.no_torch:
                 t = time_torch(shape, b, copies_for(n * k * 2, l2, cap), trials)
                 if t is not None:
                     row.update(torch_us=t["median_s"] * 1e6, speedup_vs_torch=t["median_s"] / cold["median_s"])
             rows.append(row)
             log(f"  batch {b}: ours {row['ours_us']:.1f} us ({row['ours_gbps']:.1f} GB/s, {row['pct_of_copy']:.0f}% of copy)"
+                + (f", int8 {row['int8_us']:.1f} us ({row['int8_pct_of_copy']:.0f}% of copy)" if "int8_us" in row else "")
                 + (f", dense {row['dense_us']:.1f} us (x{row['speedup_vs_dense']:.2f})" if "dense_us" in row else "")
                 + (f", torch {row['torch_us']:.1f} us" if "torch_us" in row else ""))
         if args.sweep and shape in SWEEP_SHAPES:
@@ -297,6 +306,9 @@ def print_table(info, copy, l2, rows) -> None:
           f"packed bytes (reading and writing half each), cold")
     head = ["shape", "B", "bits/w", "ours us", "spread", "GB/s", "% copy", "hot GB/s", "copy@size us",
             "dense f16 us", "x dense"]
+    has_int8 = any("int8_us" in r for r in rows)
+    if has_int8:
+        head += ["int8 us", "int8 % copy", "int8 x dense"]
     has_torch = any("torch_us" in r for r in rows)
     if has_torch:
         head += ["torch us", "x torch"]
@@ -307,6 +319,10 @@ def print_table(info, copy, l2, rows) -> None:
                 f"{r['ours_hot_gbps']:.3g}", f"{r['copy_at_size_us']:.1f}",
                 f"{r['dense_us']:.1f}" if "dense_us" in r else "-",
                 f"{r['speedup_vs_dense']:.2f}" if "dense_us" in r else "-"]
+        if has_int8:
+            line += [f"{r['int8_us']:.1f}" if "int8_us" in r else "-",
+                     f"{r['int8_pct_of_copy']:.0f}%" if "int8_us" in r else "-",
+                     f"{r['int8_speedup_vs_dense']:.2f}" if "int8_speedup_vs_dense" in r else "-"]
         if has_torch:
             line += [f"{r['torch_us']:.1f}" if "torch_us" in r else "-",
                      f"{r['speedup_vs_torch']:.2f}" if "torch_us" in r else "-"]

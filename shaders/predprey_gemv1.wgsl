@@ -17,6 +17,9 @@
 //
 // Entry points: `main` (batch 1: one batch row per z slice, NB = 1) and `main4` (batches of 2 and
 // more: 4 batch rows per z slice, NB = 4; see there). One workgroup per row group (GPW = 1).
+// With INT8, `main` uses x quantized to int8 per 32 columns (binding 7, the CPU int8 kernels'
+// rule, docs/kernels.md): every 16-column piece of a plane is one integer sum per row made with
+// dot4I8Packed, scaled once; predators still use the float32 x (binding 1), as on the CPU.
 //
 // Buffer layout (as predprey_gemv.wgsl):
 //   @binding(0) P        uniform Params.
@@ -32,6 +35,9 @@
 //   @binding(5) p2codes  u8  [E, B]    plane-2 codes of each entry.
 //   @binding(6) aux      u32 words: p2_ptr, p2_block, p2_scales, out_ptr, out_cols, out_vals,
 //                        row_scales at the word offsets of Params (see predprey_gemv.wgsl).
+//   @binding(7) xq       (INT8 only) per batch row, P.xq_stride4 vec4<u32>: Kp int8 codes of x
+//                        (plain column order: 16-column chunk c is vec4 c), then Kp / 32 float32
+//                        scales (one per 32 columns, as u32 bits), zero-padded to a whole vec4.
 // Scales: the five rows' units row_scales[r] / 256 are read once per workgroup (private `ru`);
 // a block scale is its 8-bit code times its row's unit.
 
@@ -54,7 +60,7 @@ struct Params {
     magic_a: f32,
     magic_b: f32,
     off_row_scales: u32,
-    _pad1: u32,
+    xq_stride4: u32,   // vec4<u32> per batch row of xq (binding 7)
     _pad2: u32,
 }
 
@@ -65,10 +71,12 @@ struct Params {
 @group(0) @binding(4) var<storage, read> scales: array<u32>;
 @group(0) @binding(5) var<storage, read> p2codes: array<vec4<u32>>;
 @group(0) @binding(6) var<storage, read> aux: array<u32>;
+@group(0) @binding(7) var<storage, read> xq: array<vec4<u32>>;
 
 override WG: u32 = 128u;     // threads per workgroup, a power of two
 override DIRECT: u32 = 2u;   // rows 0 .. DIRECT-1 (at most 2) accumulate t_i directly
 override XPERM: bool = true; // x rows chunk-transposed (see the buffer layout above)
+override INT8: bool = false; // main: planes 1 and 2 against int8 x (binding 7)
 
 const ACC_N: u32 = 20u;      // what the reduction sums: 5 rows (main) or 5 rows x 4 batch rows (main4)
 const INV3: f32 = 1.0 / 3.0;
@@ -126,6 +134,57 @@ fn combine(a: Acc5, s: Acc5, c0: f32, c1: f32, c2: f32, c3: f32, c4: f32) -> Acc
     let t2 = fma(-3.0, s.a3, s.a2);
     let t3 = fma(-3.0, s.a4, s.a3);
     return Acc5(fma(c0, t0, a.a0), fma(c1, t1, a.a1), fma(c2, t2, a.a2), fma(c3, t3, a.a3), fma(c4, s.a4, a.a4));
+}
+
+// ---- int8 activations (INT8). A code byte v gives R_i = round((v - 121) / 3^i) for i = 0..4,
+// exactly as in byte5; the rounding adds 1.5 * 2^23 (mag_a), after which the low byte of the
+// float's bits is R_i as a two's-complement int8 (|R_i| <= 121). The four bytes of a word give
+// four such floats per row, packed into one u32 (pack4xI8 keeps each low byte), and
+// dot4I8Packed against 4 int8 x sums R_i x over the word's columns. t_i = R_i - 3 R_{i+1}, so
+// the exact integer row sums of a chunk are T_i = S_i - 3 S_{i+1} (T_4 = S_4).
+
+struct I5 {
+    a0: i32,
+    a1: i32,
+    a2: i32,
+    a3: i32,
+    a4: i32,
+}
+
+fn word_i8(w: u32, xw: u32, s: I5) -> I5 {
+    let v = vec4<u32>(w & 0xFFu, (w >> 8u) & 0xFFu, (w >> 16u) & 0xFFu, w >> 24u);
+    let r0 = bitcast<vec4<f32>>(v | vec4<u32>(0x4B000000u)) - vec4<f32>(8388729.0);   // v - 121, exact
+    let m = vec4<f32>(mag_a);
+    let p0 = pack4xI8(bitcast<vec4<i32>>(r0 + m));
+    let p1 = pack4xI8(bitcast<vec4<i32>>(fma(r0, vec4<f32>(INV3), m)));
+    let p2 = pack4xI8(bitcast<vec4<i32>>(fma(r0, vec4<f32>(INV9), m)));
+    let p3 = pack4xI8(bitcast<vec4<i32>>(fma(r0, vec4<f32>(INV27), m)));
+    let p4 = pack4xI8(bitcast<vec4<i32>>(fma(r0, vec4<f32>(INV81), m)));
+    return I5(s.a0 + dot4I8Packed(p0, xw), s.a1 + dot4I8Packed(p1, xw), s.a2 + dot4I8Packed(p2, xw),
+              s.a3 + dot4I8Packed(p3, xw), s.a4 + dot4I8Packed(p4, xw));
+}
+
+// 16 columns: codes q against int8 x xv (16 codes), integer sums S_i
+fn chunk_i8(q: vec4<u32>, xv: vec4<u32>) -> I5 {
+    var s = I5(0, 0, 0, 0, 0);
+    s = word_i8(q.x, xv.x, s);
+    s = word_i8(q.y, xv.y, s);
+    s = word_i8(q.z, xv.z, s);
+    s = word_i8(q.w, xv.w, s);
+    return s;
+}
+
+// a_i += sc_i * xs * T_i: block scales sc, x scale xs of the chunk's 32 columns
+fn combine_i8(a: Acc5, s: I5, xs: f32, sc: Acc5) -> Acc5 {
+    return Acc5(fma(sc.a0 * xs, f32(s.a0 - 3 * s.a1), a.a0), fma(sc.a1 * xs, f32(s.a1 - 3 * s.a2), a.a1),
+                fma(sc.a2 * xs, f32(s.a2 - 3 * s.a3), a.a2), fma(sc.a3 * xs, f32(s.a3 - 3 * s.a4), a.a3),
+                fma(sc.a4 * xs, f32(s.a4), a.a4));
+}
+
+// x scale of 16-column chunk c in the xq row starting at vec4 qrow
+fn sx_at(qrow: u32, c: u32) -> f32 {
+    let w = (qrow + P.kp16) * 4u + (c >> 1u);
+    return bitcast<f32>(xq[w >> 2u][w & 3u]);
 }
 
 // vec4 index, inside a row of x, of columns 16c+4j .. 16c+4j+3 (chunk c, part j)
@@ -190,6 +249,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     mag_b = P.magic_b;
     ru = units5(g * 5u);
     let xrow = wg.z * P.x_stride4;   // this z slice's x row, in vec4
+    let qrow = wg.z * P.xq_stride4;  // its int8 x (INT8), in vec4
     let rb = g * 5u;
     let kp16 = P.kp16;
     let sh4 = P.log2_b - 4u;         // log2(vec4<u32> per block)
@@ -218,6 +278,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let cc1 = select(c, c1, has1);
         let q0 = codes[cb + c];
         let q1 = codes[cb + cc1];
+        let sa = scales5(rb, c >> sh4);
+        let sb = scales5(rb, cc1 >> sh4);
+        if (INT8) {
+            let xa = xq[qrow + c];
+            let xb = xq[qrow + cc1];
+            let fa = sx_at(qrow, c);
+            let fb = sx_at(qrow, cc1);
+            a = combine_i8(a, chunk_i8(q0, xa), fa, sa);
+            if (has1) {
+                a = combine_i8(a, chunk_i8(q1, xb), fb, sb);
+            }
+            continue;
+        }
         let xa0 = x[xrow + xv(c, 0u)];
         let xa1 = x[xrow + xv(c, 1u)];
         let xa2 = x[xrow + xv(c, 2u)];
@@ -226,8 +299,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let xb1 = x[xrow + xv(cc1, 1u)];
         let xb2 = x[xrow + xv(cc1, 2u)];
         let xb3 = x[xrow + xv(cc1, 3u)];
-        let sa = scales5(rb, c >> sh4);
-        let sb = scales5(rb, cc1 >> sh4);
         a = combine(a, chunk16(q0, xa0, xa1, xa2, xa3), sa.a0, sa.a1, sa.a2, sa.a3, sa.a4);
         if (has1) {
             a = combine(a, chunk16(q1, xb0, xb1, xb2, xb3), sb.a0, sb.a1, sb.a2, sb.a3, sb.a4);
@@ -245,9 +316,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let blk = u16_at(P.off_p2_block, e);
             let q = p2codes[(e << sh4) + c];
             let cc = (blk << sh4) + c;   // chunk index of these 16 columns in the row
-            let s = chunk16(q, x[xrow + xv(cc, 0u)], x[xrow + xv(cc, 1u)], x[xrow + xv(cc, 2u)], x[xrow + xv(cc, 3u)]);
             let s2 = p2scales5(e);
-            a = combine(a, s, s2.a0, s2.a1, s2.a2, s2.a3, s2.a4);
+            if (INT8) {
+                a = combine_i8(a, chunk_i8(q, xq[qrow + cc]), sx_at(qrow, cc), s2);
+            } else {
+                let s = chunk16(q, x[xrow + xv(cc, 0u)], x[xrow + xv(cc, 1u)], x[xrow + xv(cc, 2u)], x[xrow + xv(cc, 3u)]);
+                a = combine(a, s, s2.a0, s2.a1, s2.a2, s2.a3, s2.a4);
+            }
         } else {
             let m = m0 + (t - n2);
             var col: u32;

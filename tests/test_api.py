@@ -411,6 +411,39 @@ def test_matvec_matches_float64_reference(wb, seed, xmag):
 
 
 @FAST
+@given(b=st.integers(1, 3), k=st.integers(1, 200), pad=st.integers(0, 2), seed=st.integers(0, 2**32 - 1))
+def test_quantize_activations_is_the_documented_rule(b, k, pad, seed):
+    """_core.quantize_activations (what the GPU's int8 path uploads) is ref_int8's rule: zero
+    padding to a multiple of 32, per chunk scale max|x| / 127 and round-half-even codes; a chunk
+    with a NaN or infinity gets scale NaN and codes 0."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((b, k)) * np.exp(rng.normal(0, 2, (b, k)))).astype(np.float32)
+    if k > 3 and seed % 3 == 0:
+        x[0, k // 2] = np.inf
+    kp = (-(-k // 32) + pad) * 32
+    q, s = pp._core.quantize_activations(x, kp)
+    assert q.shape == (b, kp) and q.dtype == np.int8 and s.shape == (b, kp // 32) and s.dtype == np.float32
+    assert not q[:, k:].any()
+    for r in range(b):
+        row = np.zeros(kp, np.float32)
+        row[:k] = x[r]
+        for j in range(kp // 32):
+            c = row[32 * j:32 * j + 32]
+            if not np.isfinite(c).all():
+                assert np.isnan(s[r, j]) and not q[r, 32 * j:32 * j + 32].any()
+                continue
+            want_s = np.float32(np.abs(c).max()) / np.float32(127.0)
+            assert s[r, j] == want_s
+            if want_s > 0:
+                want_q = np.clip(np.rint(c / want_s), -127, 127)
+                assert np.array_equal(q[r, 32 * j:32 * j + 32], want_q.astype(np.int8))
+    for bad in (k - 1, kp + 16):
+        if bad >= 0 and (bad < k or bad % 32):
+            with pytest.raises(pp.ShapeError, match="padded_cols"):
+                pp._core.quantize_activations(x, bad)
+
+
+@FAST
 @given(wb=weights(), seed=st.integers(0, 2**32 - 1), heavy=st.booleans())
 def test_matvec_int8_follows_the_documented_rule(wb, seed, heavy):
     w, b, _ = wb

@@ -32,6 +32,9 @@ pytestmark = pytest.mark.gpu
 # issue's bound, with a margin for the launch variants (PREDPREY_GPU_TUNE direct=0: ~1.2e-5).
 TOL = 1e-4
 BLOCKS = (32, 64, 128, 256)
+# int8 activations: the GPU against the CPU's int8 path (same quantized x, exact integer sums per
+# 16 or 32 columns; only the float32 order of the scaled sums differs): measured ~1e-7.
+TOL_INT8 = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +88,22 @@ def check(gpu, p, rng_seed, batches, what=""):
     return g
 
 
+def check_int8(gpu, p, rng_seed, batches, what="", g=None):
+    """GPU activations="int8" against the CPU's int8 path on the same x (matvec for batch 0)."""
+    rng, seed = rng_seed
+    g = g or gpu.upload(p)
+    k = p.shape[1]
+    for b in batches:
+        x = rng.standard_normal((b or 1, k)).astype(np.float32)
+        if b == 0:
+            y, ref = pp.matvec(g, x[0], activations="int8"), pp.matvec(p, x[0], activations="int8")
+        else:
+            y, ref = pp.matmul(g, x, activations="int8"), pp.matmul(p, x, activations="int8")
+        assert y.shape == ref.shape and y.dtype == np.float32
+        err = rel_err(y, ref.astype(np.float64))
+        assert err <= TOL_INT8, f"{p!r} {what} int8 batch {b or 'matvec'}: rel. error {err:.3g} vs the CPU (seed {seed})"
+
+
 # ---- the issue's shapes: planes 1 and 2, with and without predators, block sizes 32..256
 
 
@@ -102,7 +121,8 @@ def test_small_shapes(gpu, rng, shape, block, kind):
         p = _synth.random_packed(rng[0], *shape, block_size=block, plane2=plane2, predators=pred)
     if pred:
         assert p.n_outliers > 0 or shape[0] * shape[1] < 100
-    check(gpu, p, rng, [0, int(rng[0].integers(2, 9))], kind)
+    g = check(gpu, p, rng, [0, int(rng[0].integers(2, 9))], kind)
+    check_int8(gpu, p, rng, [0, int(rng[0].integers(2, 9))], kind, g)
 
 
 @pytest.mark.parametrize(
@@ -117,7 +137,8 @@ def test_small_shapes(gpu, rng, shape, block, kind):
 def test_large_shapes(gpu, rng, shape, block, batches):
     p = _synth.random_packed(rng[0], *shape, block_size=block, plane2=0.4, predators=0.01)
     assert p.planes == 2 and p.n_outliers > 0
-    check(gpu, p, rng, batches, "plane2+pred")
+    g = check(gpu, p, rng, batches, "plane2+pred")
+    check_int8(gpu, p, rng, batches, "plane2+pred", g)
 
 
 def test_large_plane1_only(gpu, rng):
@@ -324,7 +345,29 @@ def test_real_minilm_weights(gpu, rng, name):
 
     w = load_file(str(path))[name]
     p = pp.compress(w, bits=3.0, block_size=64)
-    check(gpu, p, rng, [0, 8], name)
+    g = check(gpu, p, rng, [0, 8], name)
+    check_int8(gpu, p, rng, [0, 8], name, g)
+
+
+def test_int8_nonfinite_and_zero_chunks_as_on_the_cpu(gpu, rng):
+    """A NaN or infinity in x makes its 32-column chunk's scale NaN (every row's y is NaN, as on
+    the CPU); an all-zero chunk has scale 0; predators use the float x, so a huge x value at a
+    predator's column shows up exactly."""
+    r, seed = rng
+    p = _synth.random_packed(r, 23, 200, block_size=32, plane2=0.5, predators=0.05)
+    g = gpu.upload(p)
+    for bad in (np.nan, np.inf, -np.inf):
+        x = r.standard_normal(200).astype(np.float32)
+        x[70] = bad
+        y, ref = pp.matvec(g, x, activations="int8"), pp.matvec(p, x, activations="int8")
+        assert np.array_equal(np.isnan(y), np.isnan(ref)) and np.isnan(y).all(), f"x[70] = {bad} (seed {seed})"
+    x = r.standard_normal(200).astype(np.float32)
+    x[32:64] = 0.0
+    x[100] = 3e4
+    y, ref = pp.matvec(g, x, activations="int8"), pp.matvec(p, x, activations="int8")
+    assert rel_err(y, ref.astype(np.float64)) <= TOL_INT8, f"seed {seed}"
+    with pytest.raises(ValueError, match="activations"):
+        pp.matvec(g, x, activations="int4")
 
 
 # ---- the baselines the benchmark compares against, and the gpu-check command

@@ -111,14 +111,15 @@ def _activations_flag(activations: str) -> bool:
 
 def matvec(p: Any, x: Any, activations: str = "float32") -> np.ndarray:
     """y = W x. ``x``: (K,) float array -> (N,) float32. ``p``: PackedMatrix (CPU) or
-    ``gpu.GpuMatrix`` (GPU). ``activations="int8"`` quantizes x per 32 columns (CPU fast path)."""
+    ``gpu.GpuMatrix`` (GPU). ``activations="int8"`` quantizes x per 32 columns (the fast path on
+    the CPU and the GPU alike; same rule, predators still exact: docs/kernels.md)."""
     int8 = _activations_flag(activations)
     if isinstance(p, PackedMatrix):
         return _core.matvec(p, _as_float32(x, "x", 1), int8)
     from . import gpu
 
     if isinstance(p, gpu.GpuMatrix):
-        return p.matvec(_as_float32(x, "x", 1))
+        return p.matvec(_as_float32(x, "x", 1), activations)
     raise TypeError(f"matvec takes a PackedMatrix or gpu.GpuMatrix, got {type(p).__name__}")
 
 
@@ -130,7 +131,7 @@ def matmul(p: Any, x: Any, activations: str = "float32") -> np.ndarray:
     from . import gpu
 
     if isinstance(p, gpu.GpuMatrix):
-        return p.matmul(_as_float32(x, "X", 2))
+        return p.matmul(_as_float32(x, "X", 2), activations)
     raise TypeError(f"matmul takes a PackedMatrix or gpu.GpuMatrix, got {type(p).__name__}")
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "decompress",
     "matvec",
     "matmul",
+    "quantize_activations",
     "load",
     "from_bytes",
     "from_arrays",
@@ -141,6 +142,14 @@ def matvec(p: PackedMatrix, x: npt.NDArray[np.float32], int8: bool = False) -> n
 def matmul(p: PackedMatrix, x: npt.NDArray[np.float32], int8: bool = False) -> npt.NDArray[np.float32]:
     """Y[B, N] = X[B, K] W^T for C-contiguous float32 X (the nn.Linear convention).
     Raises ShapeError for a wrong K. Releases the GIL."""
+
+def quantize_activations(
+    x: npt.NDArray[np.float32], padded_cols: int
+) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]:
+    """X[B, K] quantized as the int8 kernels do it: rows zero-padded to ``padded_cols`` (a
+    multiple of 32, >= K), per 32 columns scale = max|x| / 127 and codes round_half_even(x /
+    scale). Returns (codes [B, padded_cols] int8, scales [B, padded_cols / 32] float32). Raises
+    ShapeError for a bad ``padded_cols``. Releases the GIL."""
 
 def load(path: str | os.PathLike[str]) -> PackedMatrix:
     """Reads and validates one matrix from a safetensors file.

@@ -227,12 +227,17 @@ CONFORMANCE_SHAPES = [
 ]
 
 
+# int8 activations: the GPU against the CPU's int8 path on the same x (tests/test_gpu.py TOL_INT8)
+INT8_TOL = 1e-5
+
+
 def conformance(ctx, rng: np.random.Generator, quick: bool = False, log=None) -> dict:
     """GPU vs the CPU oracle (decompress + float64) on the awkward shapes, planes 1 and 2, with
-    predators. Returns {"max_rel_err", "cases", "failures"}."""
+    predators; and activations="int8" against the CPU's int8 path. Returns {"max_rel_err",
+    "max_rel_err_int8", "cases", "failures"}."""
     import predprey_rs as pp
 
-    worst, cases, failures = 0.0, 0, []
+    worst, worst8, cases, failures = 0.0, 0.0, 0, []
     for shape, block, batches in CONFORMANCE_SHAPES:
         if quick and shape[0] * shape[1] > 5_000_000:
             continue
@@ -249,26 +254,35 @@ def conformance(ctx, rng: np.random.Generator, quick: bool = False, log=None) ->
                 cases += 1
                 if not err <= 1e-4:
                     failures.append(f"{shape[0]}x{shape[1]} B={block} plane2={plane2} pred={pred} batch={b}: {err:.3g}")
+                y8 = g.matvec(x[0], "int8")[None, :] if b == 0 else g.matmul(x, "int8")
+                ref8 = pp.matvec(p, x[0], "int8")[None, :] if b == 0 else pp.matmul(p, x, "int8")
+                err8 = float(np.abs(y8 - ref8.astype(np.float64)).max() / max(np.abs(ref8).max(), 1e-30))
+                worst8 = max(worst8, err8)
+                cases += 1
+                if not err8 <= INT8_TOL:
+                    failures.append(f"{shape[0]}x{shape[1]} B={block} plane2={plane2} pred={pred} batch={b} int8: {err8:.3g}")
             if log:
-                log(f"  {shape[0]}x{shape[1]} B={block} planes={p.planes} predators={p.n_outliers}: max rel. err {worst:.2e}")
+                log(f"  {shape[0]}x{shape[1]} B={block} planes={p.planes} predators={p.n_outliers}: max rel. err "
+                    f"{worst:.2e}, int8 vs the CPU {worst8:.2e}")
             del g, w
-    return {"max_rel_err": worst, "cases": cases, "failures": failures}
+    return {"max_rel_err": worst, "max_rel_err_int8": worst8, "cases": cases, "failures": failures}
 
 
 def kernel_bandwidth(ctx, rng: np.random.Generator, shape=(4096, 4096), block: int = 64,
-                     copies: int = 2, trials: int = 5) -> dict:
-    """Packed bytes per second of our kernel at batch 1, rotating over `copies` matrices."""
+                     copies: int = 2, trials: int = 5, int8: bool = False) -> dict:
+    """Packed bytes per second of our kernel at batch 1 (float32 or int8 activations), rotating
+    over `copies` matrices."""
     mats = [_gpu.upload(_synth.random_packed(rng, *shape, block_size=block, plane2=0.45, predators=0.005), _ctx=ctx)
             for _ in range(copies)]
     x = rng.standard_normal(shape[1]).astype(np.float32)
     preps = []
     for m in mats:
-        preps.append(m._prepare(1))
-        m._write_x(x[None, :], preps[-1][-1])
+        preps.append(m._prepare(1, int8))
+        m._write_x(x[None, :], preps[-1])
 
     def record(cpass):
         for m, pr in zip(mats, preps):
-            m._dispatch(cpass, 1, pr)
+            m._dispatch(cpass, pr)
 
     reps = pick_reps(ctx, record)
     times, src = time_dispatches(ctx, record, reps, trials)

@@ -40,13 +40,16 @@ def _gpu_check_one(gpu, bench, adapter, info: dict, subgroups: bool, rng, quick:
         row["variant"] = ctx.variant
         _err(f"[{info['backend']}: {info['device']}, {ctx.variant}] conformance ...")
         conf = bench.conformance(ctx, rng, quick=quick, log=_err)
-        row.update(max_rel_err=conf["max_rel_err"], cases=conf["cases"], failures=conf["failures"])
+        row.update(max_rel_err=conf["max_rel_err"], max_rel_err_int8=conf["max_rel_err_int8"], cases=conf["cases"],
+                   failures=conf["failures"])
         cpu = info["adapter_type"] == "CPU"
         _err(f"[{info['backend']}: {info['device']}, {ctx.variant}] bandwidth ...")
         copy = bench.copy_bandwidth(ctx, (64 if cpu or quick else 512) << 20, trials=3)
         shape = (4096, 4096) if cpu or quick else (8192, 8192)
         kern = bench.kernel_bandwidth(ctx, rng, shape=shape, copies=2 if cpu or quick else 8, trials=3)
-        row.update(gbps=kern["gbps"], copy_gbps=copy["gbps"], pct_of_copy=100 * kern["gbps"] / copy["gbps"],
+        kern8 = bench.kernel_bandwidth(ctx, rng, shape=shape, copies=2 if cpu or quick else 8, trials=3, int8=True)
+        row.update(gbps=kern["gbps"], gbps_int8=kern8["gbps"], copy_gbps=copy["gbps"],
+                   pct_of_copy=100 * kern["gbps"] / copy["gbps"], pct_of_copy_int8=100 * kern8["gbps"] / copy["gbps"],
                    timer=kern["timer"], bench_shape=list(shape))
         row["passed"] = not conf["failures"]
     except Exception as e:  # any failure of this adapter is a row, not a crash of the check
@@ -62,15 +65,19 @@ def _gpu_check_one(gpu, bench, adapter, info: dict, subgroups: bool, rng, quick:
 
 
 def _table(rows: list[dict]) -> str:
-    head = ("adapter", "backend", "type", "kernel", "max rel err", "result", "GB/s", "copy GB/s", "% copy")
+    head = ("adapter", "backend", "type", "kernel", "max rel err", "int8 vs cpu", "result", "GB/s", "int8 GB/s",
+            "copy GB/s", "% copy", "int8 % copy")
     body = []
     for r in rows:
         ok = "pass" if r.get("passed") else "FAIL"
         body.append((
             r["device"][:40], r["backend"], r["adapter_type"], r["variant"],
-            f"{r['max_rel_err']:.2e}" if "max_rel_err" in r else "-", ok,
-            f"{r['gbps']:.1f}" if "gbps" in r else "-", f"{r['copy_gbps']:.1f}" if "copy_gbps" in r else "-",
+            f"{r['max_rel_err']:.2e}" if "max_rel_err" in r else "-",
+            f"{r['max_rel_err_int8']:.2e}" if "max_rel_err_int8" in r else "-", ok,
+            f"{r['gbps']:.1f}" if "gbps" in r else "-", f"{r['gbps_int8']:.1f}" if "gbps_int8" in r else "-",
+            f"{r['copy_gbps']:.1f}" if "copy_gbps" in r else "-",
             f"{r['pct_of_copy']:.0f}%" if "pct_of_copy" in r else "-",
+            f"{r['pct_of_copy_int8']:.0f}%" if "pct_of_copy_int8" in r else "-",
         ))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths))]

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from . import GpuUnavailableError, PackedMatrix, ShapeError, _core
+from . import GpuUnavailableError, PackedMatrix, ShapeError, _activations_flag, _core
 
 __all__ = ["GpuMatrix", "GpuUnavailableError", "adapter_info", "list_adapters", "upload"]
 
@@ -286,7 +286,7 @@ def adapter_info() -> dict:
 # the packed matrix on the GPU
 
 _GEMV_KINDS = ("uniform", "read-only-storage", "storage", "read-only-storage", "read-only-storage",
-               "read-only-storage", "read-only-storage")
+               "read-only-storage", "read-only-storage", "read-only-storage")
 
 
 def _words(a: np.ndarray) -> np.ndarray:
@@ -296,6 +296,19 @@ def _words(a: np.ndarray) -> np.ndarray:
     if pad:
         b = np.concatenate([b, np.zeros(pad, np.uint8)])
     return b.view("<u4")
+
+
+@dataclass
+class _Launch:
+    """How one product runs: its pipeline, batch rows per z slice (NB), slices, row groups per
+    workgroup, and the x it reads (chunk-transposed float rows; int8 codes and scales too)."""
+
+    pipeline: Any
+    nb: int
+    slices: int
+    gpw: int
+    xperm: bool
+    int8: bool
 
 
 @dataclass
@@ -334,11 +347,13 @@ class GpuMatrix:
         b = self.block_size
         self._nb = -(-k // b)
         self._kp = self._nb * b
+        # int8 x per batch row, in vec4<u32>: Kp codes, then Kp / 32 float32 scales padded to a vec4
+        self._xq_stride4 = self._kp // 16 + -(-self._kp // 128)
         self._groups = -(-n // _R)
         self._max_binding = int(max_binding or ctx.max_binding)
         self._grid_x = int(max_wg_per_dim or ctx.max_wg_per_dim)
         self._cap = 0
-        self._x = self._y = self._staging = None
+        self._x = self._y = self._xq = self._staging = None
         self._xhost = None
         self._chunks: list[_Chunk] = []
         self._upload(p.arrays())
@@ -410,6 +425,7 @@ class GpuMatrix:
             ]
             params[15:17] = np.array([_MAGIC, _MAGIC], dtype="<f4").view("<u4")
             params[17] = offs[6]
+            params[18] = self._xq_stride4
             bufs = [
                 ctx.buffer(codes[g0:g1], st),
                 ctx.buffer(a["scales"][r0:r1], st),
@@ -435,29 +451,31 @@ class GpuMatrix:
         self._x = dev.create_buffer(size=x_bytes, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST)
         self._y = dev.create_buffer(size=y_bytes, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC)
         self._staging = dev.create_buffer(size=y_bytes, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+        self._xq = dev.create_buffer(size=cap * self._xq_stride4 * 16, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST)
         self._xhost = np.zeros((cap, self._kp), dtype=np.float32)
         self._cap = cap
         bgl, _ = self._ctx.layout(_GEMV_KINDS)
         for c in self._chunks:
-            res = [c.params, self._x, self._y] + c.buffers
+            res = [c.params, self._x, self._y] + c.buffers + [self._xq]
             c.bind_group = dev.create_bind_group(
                 layout=bgl,
                 entries=[{"binding": i, "resource": {"buffer": r, "offset": 0, "size": r.size}} for i, r in enumerate(res)],
             )
 
-    def _launch_config(self, batch: int) -> tuple[int, int, int, int, int, bool, bool]:
+    def _launch_config(self, batch: int, int8: bool = False) -> tuple[int, int, int, int, int, bool, bool]:
         """(NB, slices, GPW, WG, DIRECT, fast, xperm) for a batch of `batch` rows. ``fast`` (the
         default; PREDPREY_GPU_TUNE fast=0 turns it off): predprey_gemv1.wgsl, entry ``main`` for
         batch 1 and ``main4`` (z slices of NB = 4 batch rows) for larger batches, reading x rows
         chunk-transposed (``xperm``, see the shader's header) unless xperm=0; else
-        predprey_gemv.wgsl with NB <= 8 batch rows per slice (plain x rows)."""
+        predprey_gemv.wgsl with NB <= 8 batch rows per slice (plain x rows). ``int8``: the fast
+        kernel's ``main`` with INT8, one batch row per z slice (the general kernel has no int8)."""
         t = _tune()
         kp16 = self._kp // 16
         direct = int(t.get("direct", 2))
-        fast = bool(t.get("fast", 1))
+        fast = int8 or bool(t.get("fast", 1))
         xperm = fast and bool(t.get("xperm", 1))
         if fast:
-            nb = 1 if batch == 1 else 4
+            nb = 1 if batch == 1 or int8 else 4
             slices, gpw = -(-batch // nb), 1
             # one workgroup per row group: enough threads per group to keep many loads in
             # flight, each still with >= 2 chunks of 16 columns (see the bench sweep)
@@ -476,10 +494,11 @@ class GpuMatrix:
                              "32..256 (a power of 2), gpw*NB <= 8, direct in 0..2")
         return nb, slices, gpw, wg, direct, fast, xperm
 
-    def _pipeline(self, nb: int, gpw: int, wg: int, direct: int, fast: bool = False, xperm: bool = False):
+    def _pipeline(self, nb: int, gpw: int, wg: int, direct: int, fast: bool = False, xperm: bool = False,
+                  int8: bool = False):
         entry = "main"
         if fast:
-            const = {"WG": wg, "DIRECT": direct, "XPERM": xperm}
+            const = {"WG": wg, "DIRECT": direct, "XPERM": xperm, "INT8": int8}
             shader = "predprey_gemv1.wgsl"
             entry = "main" if nb == 1 else "main4"
         else:
@@ -489,16 +508,16 @@ class GpuMatrix:
             const["SG_SLOTS"] = max(1, wg // 4)
         return self._ctx.pipeline(shader, _GEMV_KINDS, const, entry=entry)
 
-    def _prepare(self, batch: int):
-        """What one product of `batch` rows needs: (pipeline, NB, slices, GPW, xperm)."""
-        nb, slices, gpw, wg, direct, fast, xperm = self._launch_config(batch)
+    def _prepare(self, batch: int, int8: bool = False) -> _Launch:
+        """How one product of `batch` rows runs (buffers for it allocated)."""
+        nb, slices, gpw, wg, direct, fast, xperm = self._launch_config(batch, int8)
         self._ensure_capacity(slices * nb)
-        return self._pipeline(nb, gpw, wg, direct, fast, xperm), nb, slices, gpw, xperm
+        return _Launch(self._pipeline(nb, gpw, wg, direct, fast, xperm, int8), nb, slices, gpw, xperm, int8)
 
-    def _dispatch(self, cpass, batch: int, prepared=None) -> None:
-        """Record the dispatches of one product of `batch` rows into an open compute pass."""
-        pipe, nb, slices, gpw, _ = prepared or self._prepare(batch)
-        cpass.set_pipeline(pipe)
+    def _dispatch(self, cpass, launch: _Launch) -> None:
+        """Record the dispatches of one product into an open compute pass."""
+        cpass.set_pipeline(launch.pipeline)
+        gpw, slices = launch.gpw, launch.slices
         for c in self._chunks:
             n_wg = -(-c.groups // gpw)
             gx = min(n_wg, self._grid_x)
@@ -506,18 +525,26 @@ class GpuMatrix:
             cpass.set_bind_group(0, c.bind_group)
             cpass.dispatch_workgroups(gx, gy, slices)
 
-    def _write_x(self, xs: np.ndarray, xperm: bool = False) -> None:
-        """Rows of X to the GPU, zero-padded to Kp columns; with ``xperm`` chunk-transposed (the
-        j-th 4 columns of 16-column chunk c at vec4 c + j * Kp/16, as the fast kernel reads)."""
+    def _write_x(self, xs: np.ndarray, launch: _Launch) -> None:
+        """Rows of X to the GPU, zero-padded to Kp columns; chunk-transposed where the launch
+        reads them so (the j-th 4 columns of 16-column chunk c at vec4 c + j * Kp/16); for an
+        int8 launch also the int8 codes and scales (``_core.quantize_activations``, the CPU's rule)."""
         b, k = xs.shape
         self._xhost[:b, :k] = xs
         rows = self._xhost[:b]
-        if xperm:
+        if launch.xperm:
             kp16 = self._kp // 16
             rows = np.ascontiguousarray(rows.reshape(b, kp16, 4, 4).transpose(0, 2, 1, 3))
-        self._ctx.device.queue.write_buffer(self._x, 0, rows)
+        queue = self._ctx.device.queue
+        queue.write_buffer(self._x, 0, rows)
+        if launch.int8:
+            codes, scales = _core.quantize_activations(xs, self._kp)
+            packed = np.zeros((b, self._xq_stride4 * 16), dtype=np.uint8)
+            packed[:, :self._kp] = codes.view(np.uint8)
+            packed[:, self._kp:self._kp + 4 * scales.shape[1]] = scales.astype("<f4").view(np.uint8)
+            queue.write_buffer(self._xq, 0, packed)
 
-    def _run(self, xs: np.ndarray) -> np.ndarray:
+    def _run(self, xs: np.ndarray, int8: bool = False) -> np.ndarray:
         n, k = self.shape
         b = xs.shape[0]
         out = np.empty((b, n), dtype=np.float32)
@@ -526,12 +553,12 @@ class GpuMatrix:
             for s0 in range(0, b, step):
                 part = xs[s0:s0 + step]
                 rows = part.shape[0]
-                prepared = self._prepare(rows)
-                self._write_x(part, prepared[-1])
+                launch = self._prepare(rows, int8)
+                self._write_x(part, launch)
                 dev = self._ctx.device
                 enc = dev.create_command_encoder()
                 cpass = enc.begin_compute_pass()
-                self._dispatch(cpass, rows, prepared)
+                self._dispatch(cpass, launch)
                 cpass.end()
                 size = rows * n * 4
                 enc.copy_buffer_to_buffer(self._y, 0, self._staging, 0, size)
@@ -540,21 +567,24 @@ class GpuMatrix:
                 out[s0:s0 + rows] = np.frombuffer(data, dtype=np.float32).reshape(rows, n)
         return out
 
-    def matvec(self, x: np.ndarray) -> np.ndarray:
-        """y = W x for float32 x of shape (K,)."""
+    def matvec(self, x: np.ndarray, activations: str = "float32") -> np.ndarray:
+        """y = W x for float32 x of shape (K,); ``activations="int8"`` as on the CPU (x quantized
+        per 32 columns, predators exact)."""
+        int8 = _activations_flag(activations)
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 1 or x.shape[0] != self.shape[1]:
             raise ShapeError(f"x has shape {x.shape}; expected ({self.shape[1]},) (the matrix is {self.shape[0]}x{self.shape[1]})")
-        return self._run(x[None, :])[0]
+        return self._run(x[None, :], int8)[0]
 
-    def matmul(self, xs: np.ndarray) -> np.ndarray:
+    def matmul(self, xs: np.ndarray, activations: str = "float32") -> np.ndarray:
         """Y = X W^T for float32 X of shape (B, K) (the nn.Linear convention)."""
+        int8 = _activations_flag(activations)
         xs = np.ascontiguousarray(xs, dtype=np.float32)
         if xs.ndim != 2 or xs.shape[1] != self.shape[1]:
             raise ShapeError(f"X has shape {xs.shape}; expected (B, K = {self.shape[1]})")
         if xs.shape[0] == 0:
             return np.zeros((0, self.shape[0]), dtype=np.float32)
-        return self._run(xs)
+        return self._run(xs, int8)
 
     @property
     def chunks(self) -> int:

@@ -262,6 +262,32 @@ fn matmul<'py>(py: Python<'py>, p: &PyPackedMatrix, x: PyReadonlyArray2<'py, f32
     y.into_pyarray(py).reshape([b, p.inner.rows])
 }
 
+/// X[B, K] quantized to int8 the way the int8 kernels do it (the one rule, `cpu::quantize_chunk`):
+/// each row zero-padded to `padded_cols` (a multiple of 32, >= K), then per 32 columns a scale
+/// `max|x| / 127` and codes `round_half_even(x / scale)`. Returns (codes [B, padded_cols] int8,
+/// scales [B, padded_cols / 32] float32). For the GPU's int8 path, which must match the CPU's.
+#[pyfunction]
+fn quantize_activations<'py>(py: Python<'py>, x: PyReadonlyArray2<'py, f32>, padded_cols: usize) -> PyResult<(Bound<'py, PyArray2<i8>>, Bound<'py, PyArray2<f32>>)> {
+    let (b, k) = (x.shape()[0], x.shape()[1]);
+    let q = cpu::QUANT_CHUNK;
+    if padded_cols < k || padded_cols % q != 0 {
+        return Err(errors::ShapeError::new_err(format!("padded_cols is {padded_cols}; expected a multiple of {q} that is at least K = {k}")));
+    }
+    let xs = contiguous("X", &x)?;
+    let nc = padded_cols / q;
+    let (mut codes, mut scales) = (vec![0i8; b * padded_cols], vec![0f32; b * nc]);
+    py.detach(|| {
+        let mut row = vec![0f32; padded_cols];
+        for ((xr, qr), sr) in xs.chunks_exact(k.max(1)).zip(codes.chunks_exact_mut(padded_cols)).zip(scales.chunks_exact_mut(nc)) {
+            row[..k].copy_from_slice(&xr[..k]);
+            for ((ch, qc), s) in row.chunks_exact(q).zip(qr.chunks_exact_mut(q)).zip(sr.iter_mut()) {
+                *s = cpu::quantize_chunk(ch, qc);
+            }
+        }
+    });
+    Ok((codes.into_pyarray(py).reshape([b, padded_cols])?, scales.into_pyarray(py).reshape([b, nc])?))
+}
+
 /// Sets the number of CPU threads the kernels and the quantizer use (0 = all cores).
 #[pyfunction]
 fn set_num_threads(n: usize) -> PyResult<()> {
@@ -483,6 +509,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decompress, m)?)?;
     m.add_function(wrap_pyfunction!(matvec, m)?)?;
     m.add_function(wrap_pyfunction!(matmul, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_activations, m)?)?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
     m.add_function(wrap_pyfunction!(from_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(from_arrays, m)?)?;
