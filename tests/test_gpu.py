@@ -169,7 +169,8 @@ def test_every_batch_1_to_8_and_sliced_batches(gpu, rng):
     separate entry points; batches past the rows held on the GPU at once (256) run as several
     submits."""
     p = _synth.random_packed(rng[0], 23, 200, block_size=64, plane2=0.5, predators=0.02)
-    check(gpu, p, rng, [1, 2, 3, 4, 5, 6, 7, 8, 11, 20, 300])
+    g = check(gpu, p, rng, [1, 2, 3, 4, 5, 6, 7, 8, 11, 20, 300])
+    check_int8(gpu, p, rng, [1, 2, 5, 8, 300], "int8 batches (one batch row per z slice)", g)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -184,7 +185,8 @@ def test_every_batch_1_to_8_and_sliced_batches(gpu, rng):
 )
 def test_random_small_matrices(gpu, rows, cols, block, plane2, pred, batch, seed):
     p = _synth.random_packed(np.random.default_rng(seed), rows, cols, block_size=block, plane2=plane2, predators=pred)
-    check(gpu, p, (np.random.default_rng(seed + 1), seed), [batch])
+    g = check(gpu, p, (np.random.default_rng(seed + 1), seed), [batch])
+    check_int8(gpu, p, (np.random.default_rng(seed + 2), seed), [batch], "", g)
 
 
 def _with_codes(p, plane1: int | None = None, scale: float | None = None):

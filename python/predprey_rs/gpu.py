@@ -4,6 +4,7 @@
     g = gpu.upload(packed)          # weights go to the GPU once
     y = pp.matvec(g, x)             # (K,) -> (N,) float32
     Y = pp.matmul(g, X)             # (B, K) -> (B, N) float32
+    y8 = pp.matvec(g, x, activations="int8")   # int8 x, the CPU's rule and result (to ~1e-7)
 
 One device is created lazily and shared. ``PREDPREY_GPU_ADAPTER`` picks the adapter: words that
 must all appear (case-insensitive) in "backend device vendor description adapter_type", e.g.
