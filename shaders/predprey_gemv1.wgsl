@@ -17,9 +17,10 @@
 //
 // Entry points: `main` (batch 1: one batch row per z slice, NB = 1) and `main4` (batches of 2 and
 // more: 4 batch rows per z slice, NB = 4; see there). One workgroup per row group (GPW = 1).
-// With INT8, `main` uses x quantized to int8 per 32 columns (binding 7, the CPU int8 kernels'
-// rule, docs/kernels.md): every 16-column piece of a plane is one integer sum per row made with
-// dot4I8Packed, scaled once; predators still use the float32 x (binding 1), as on the CPU.
+// With INT8, both use x quantized to int8 per 32 columns (binding 7, the CPU int8 kernels' rule,
+// docs/kernels.md): every 16-column piece of a plane is one integer sum per row (and batch row)
+// made with dot4I8Packed, scaled once; predators still use the float32 x (binding 1), as on the
+// CPU.
 //
 // Buffer layout (as predprey_gemv.wgsl):
 //   @binding(0) P        uniform Params.
@@ -151,17 +152,28 @@ struct I5 {
     a4: i32,
 }
 
-fn word_i8(w: u32, xw: u32, s: I5) -> I5 {
+// R_0 .. R_4 of the four bytes of code word w, each row's four as packed int8
+struct R5 {
+    p0: u32,
+    p1: u32,
+    p2: u32,
+    p3: u32,
+    p4: u32,
+}
+
+fn rpack5(w: u32) -> R5 {
     let v = vec4<u32>(w & 0xFFu, (w >> 8u) & 0xFFu, (w >> 16u) & 0xFFu, w >> 24u);
     let r0 = bitcast<vec4<f32>>(v | vec4<u32>(0x4B000000u)) - vec4<f32>(8388729.0);   // v - 121, exact
     let m = vec4<f32>(mag_a);
-    let p0 = pack4xI8(bitcast<vec4<i32>>(r0 + m));
-    let p1 = pack4xI8(bitcast<vec4<i32>>(fma(r0, vec4<f32>(INV3), m)));
-    let p2 = pack4xI8(bitcast<vec4<i32>>(fma(r0, vec4<f32>(INV9), m)));
-    let p3 = pack4xI8(bitcast<vec4<i32>>(fma(r0, vec4<f32>(INV27), m)));
-    let p4 = pack4xI8(bitcast<vec4<i32>>(fma(r0, vec4<f32>(INV81), m)));
-    return I5(s.a0 + dot4I8Packed(p0, xw), s.a1 + dot4I8Packed(p1, xw), s.a2 + dot4I8Packed(p2, xw),
-              s.a3 + dot4I8Packed(p3, xw), s.a4 + dot4I8Packed(p4, xw));
+    return R5(pack4xI8(bitcast<vec4<i32>>(r0 + m)), pack4xI8(bitcast<vec4<i32>>(fma(r0, vec4<f32>(INV3), m))),
+              pack4xI8(bitcast<vec4<i32>>(fma(r0, vec4<f32>(INV9), m))), pack4xI8(bitcast<vec4<i32>>(fma(r0, vec4<f32>(INV27), m))),
+              pack4xI8(bitcast<vec4<i32>>(fma(r0, vec4<f32>(INV81), m))));
+}
+
+fn word_i8(w: u32, xw: u32, s: I5) -> I5 {
+    let p = rpack5(w);
+    return I5(s.a0 + dot4I8Packed(p.p0, xw), s.a1 + dot4I8Packed(p.p1, xw), s.a2 + dot4I8Packed(p.p2, xw),
+              s.a3 + dot4I8Packed(p.p3, xw), s.a4 + dot4I8Packed(p.p4, xw));
 }
 
 // 16 columns: codes q against int8 x xv (16 codes), integer sums S_i
@@ -417,6 +429,53 @@ fn add_chunkv(a: Acc5v, q: vec4<u32>, xrow: u32, c: u32, rb: u32, blk: u32) -> A
     return combinev(a, chunk16v(q, xrow, c), sc.a0, sc.a1, sc.a2, sc.a3, sc.a4);
 }
 
+// ---- main4 with INT8: one packing of a code word feeds the 4 batch rows' dot products
+struct I5v {
+    a0: vec4<i32>,
+    a1: vec4<i32>,
+    a2: vec4<i32>,
+    a3: vec4<i32>,
+    a4: vec4<i32>,
+}
+
+fn dot4v(p: u32, xw: vec4<u32>) -> vec4<i32> {
+    return vec4<i32>(dot4I8Packed(p, xw.x), dot4I8Packed(p, xw.y), dot4I8Packed(p, xw.z), dot4I8Packed(p, xw.w));
+}
+
+fn word_i8v(w: u32, xw: vec4<u32>, s: I5v) -> I5v {
+    let p = rpack5(w);
+    return I5v(s.a0 + dot4v(p.p0, xw), s.a1 + dot4v(p.p1, xw), s.a2 + dot4v(p.p2, xw), s.a3 + dot4v(p.p3, xw),
+               s.a4 + dot4v(p.p4, xw));
+}
+
+// chunk c of the 4 batch rows' int8 x (xq rows P.xq_stride4 apart from qrow) against codes q
+fn chunk_i8v(q: vec4<u32>, qrow: u32, c: u32) -> I5v {
+    let st = P.xq_stride4;
+    let x0 = xq[qrow + c];
+    let x1 = xq[qrow + st + c];
+    let x2 = xq[qrow + 2u * st + c];
+    let x3 = xq[qrow + 3u * st + c];
+    let z = vec4<i32>(0);
+    var s = I5v(z, z, z, z, z);
+    s = word_i8v(q.x, vec4<u32>(x0.x, x1.x, x2.x, x3.x), s);
+    s = word_i8v(q.y, vec4<u32>(x0.y, x1.y, x2.y, x3.y), s);
+    s = word_i8v(q.z, vec4<u32>(x0.z, x1.z, x2.z, x3.z), s);
+    s = word_i8v(q.w, vec4<u32>(x0.w, x1.w, x2.w, x3.w), s);
+    return s;
+}
+
+// a_i += sc_i * xs * T_i per batch row (xs: the 4 rows' x scales of the chunk)
+fn combine_i8v(a: Acc5v, s: I5v, xs: vec4<f32>, sc: Acc5) -> Acc5v {
+    return Acc5v(fma(sc.a0 * xs, vec4<f32>(s.a0 - 3 * s.a1), a.a0), fma(sc.a1 * xs, vec4<f32>(s.a1 - 3 * s.a2), a.a1),
+                 fma(sc.a2 * xs, vec4<f32>(s.a2 - 3 * s.a3), a.a2), fma(sc.a3 * xs, vec4<f32>(s.a3 - 3 * s.a4), a.a3),
+                 fma(sc.a4 * xs, vec4<f32>(s.a4), a.a4));
+}
+
+fn sx4_at(qrow: u32, c: u32) -> vec4<f32> {
+    let st = P.xq_stride4;
+    return vec4<f32>(sx_at(qrow, c), sx_at(qrow + st, c), sx_at(qrow + 2u * st, c), sx_at(qrow + 3u * st, c));
+}
+
 fn x4_at(xrow: u32, col: u32) -> vec4<f32> {
     let st = P.x_stride4;
     let i = xrow + xv(col >> 4u, (col >> 2u) & 3u);
@@ -434,6 +493,7 @@ fn main4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
     mag_b = P.magic_b;
     ru = units5(g * 5u);
     let xrow = wg.z * 4u * P.x_stride4;   // batch row 0 of this z slice, in vec4
+    let qrow = wg.z * 4u * P.xq_stride4;  // its int8 x (INT8), in vec4
     let rb = g * 5u;
     let kp16 = P.kp16;
     let sh4 = P.log2_b - 4u;
@@ -453,7 +513,11 @@ fn main4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
 
     let cb = g * kp16;
     for (var c = lid; c < kp16; c += WG) {
-        a = add_chunkv(a, codes[cb + c], xrow, c, rb, c >> sh4);
+        if (INT8) {
+            a = combine_i8v(a, chunk_i8v(codes[cb + c], qrow, c), sx4_at(qrow, c), scales5(rb, c >> sh4));
+        } else {
+            a = add_chunkv(a, codes[cb + c], xrow, c, rb, c >> sh4);
+        }
     }
 
     let n2 = (e1 - e0) << sh4;
@@ -465,9 +529,13 @@ fn main4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
             let c = t & mask4;
             let blk = u16_at(P.off_p2_block, e);
             let q = p2codes[(e << sh4) + c];
-            let s = chunk16v(q, xrow, (blk << sh4) + c);
+            let cc = (blk << sh4) + c;
             let s2 = p2scales5(e);
-            a = combinev(a, s, s2.a0, s2.a1, s2.a2, s2.a3, s2.a4);
+            if (INT8) {
+                a = combine_i8v(a, chunk_i8v(q, qrow, cc), sx4_at(qrow, cc), s2);
+            } else {
+                a = combinev(a, chunk16v(q, xrow, cc), s2.a0, s2.a1, s2.a2, s2.a3, s2.a4);
+            }
         } else {
             let m = m0 + (t - n2);
             var col: u32;

@@ -469,14 +469,14 @@ class GpuMatrix:
         batch 1 and ``main4`` (z slices of NB = 4 batch rows) for larger batches, reading x rows
         chunk-transposed (``xperm``, see the shader's header) unless xperm=0; else
         predprey_gemv.wgsl with NB <= 8 batch rows per slice (plain x rows). ``int8``: the fast
-        kernel's ``main`` with INT8, one batch row per z slice (the general kernel has no int8)."""
+        kernel with INT8 (the general kernel has no int8 variant)."""
         t = _tune()
         kp16 = self._kp // 16
         direct = int(t.get("direct", 2))
         fast = int8 or bool(t.get("fast", 1))
         xperm = fast and bool(t.get("xperm", 1))
         if fast:
-            nb = 1 if batch == 1 or int8 else 4
+            nb = 1 if batch == 1 else 4
             slices, gpw = -(-batch // nb), 1
             # one workgroup per row group: enough threads per group to keep many loads in
             # flight, each still with >= 2 chunks of 16 columns (see the bench sweep)
