@@ -77,7 +77,7 @@ struct Params {
 override WG: u32 = 128u;     // threads per workgroup, a power of two
 override DIRECT: u32 = 2u;   // rows 0 .. DIRECT-1 (at most 2) accumulate t_i directly
 override XPERM: bool = true; // x rows chunk-transposed (see the buffer layout above)
-override INT8: bool = false; // main: planes 1 and 2 against int8 x (binding 7)
+override INT8: bool = false; // planes 1 and 2 against int8 x (binding 7), in main and main4
 
 const ACC_N: u32 = 20u;      // what the reduction sums: 5 rows (main) or 5 rows x 4 batch rows (main4)
 const INV3: f32 = 1.0 / 3.0;
