@@ -113,9 +113,13 @@ if b:
             pct8 = min(r["int8_pct_of_copy"] for r in one)
             xd8 = min((r.get("int8_speedup_vs_dense", 0) for r in one), default=0)
             print(f"  the same with int8 activations: worst {pct8:.0f}% of copy, worst {xd8:.2f}x dense f16")
-    for shape in dict.fromkeys(s["shape"] for s in b.get("sweep", [])):
-        best = min((s for s in b["sweep"] if s["shape"] == shape), key=lambda s: s["us"])
-        print(f"  best launch ({shape}, B=1): fast={best.get('fast', 0)} "
+    seen = set()
+    for shape, i8 in ((s["shape"], bool(s.get("int8"))) for s in b.get("sweep", [])):
+        if (shape, i8) in seen:
+            continue
+        seen.add((shape, i8))
+        best = min((s for s in b["sweep"] if s["shape"] == shape and bool(s.get("int8")) == i8), key=lambda s: s["us"])
+        print(f"  best {'int8' if i8 else 'f32'} launch ({shape}, B=1): fast={best.get('fast', 0)} "
               f"wg={best['wg']} direct={best['direct']} xperm={best.get('xperm', 0)} "
               f"{best['gbps']:.4g} GB/s ({100 * best['gbps'] / b['copy_gbps']:.0f}% of copy)")
 else:

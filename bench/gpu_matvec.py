@@ -270,9 +270,10 @@ def main(argv=None) -> int:
 # launch shapes tried by --sweep at batch 1: the fast kernel (predprey_gemv1.wgsl) over its
 # workgroup sizes, x layouts (xperm 1: chunk-transposed, 0: plain rows) and DIRECT (2: rows 0-1
 # summed directly, exact to float32; 0: two FMAs fewer per byte, ~1e-5 rel. error), plus the
-# general kernel's best known shape for reference
+# general kernel's best known shape for reference; and the int8 path's workgroup sizes
 SWEEP_CONFIGS = ([{"fast": 1, "wg": wg, "gpw": 1, "direct": 2, "xperm": xp} for wg in (64, 128, 256) for xp in (1, 0)]
                  + [{"fast": 1, "wg": wg, "gpw": 1, "direct": 0, "xperm": 1} for wg in (64, 128, 256)]
+                 + [{"fast": 1, "wg": wg, "gpw": 1, "direct": 2, "xperm": 1, "int8": 1} for wg in (64, 128, 256)]
                  + [{"fast": 0, "wg": 64, "gpw": 1, "direct": 2, "xperm": 0}])
 
 
@@ -286,8 +287,8 @@ def sweep(args, ctx, rng, l2, cap, trials, sweep_mats, result, emit) -> None:
                                                 predators=args.predators))
                 for _ in range(copies_for(20 << 20, l2, cap))]
             for cfg in SWEEP_CONFIGS:
-                os.environ["PREDPREY_GPU_TUNE"] = ",".join(f"{key}={v}" for key, v in cfg.items())
-                s, _ = time_ours(ctx, mats, 1, min(trials, 5))
+                os.environ["PREDPREY_GPU_TUNE"] = ",".join(f"{key}={v}" for key, v in cfg.items() if key != "int8")
+                s, _ = time_ours(ctx, mats, 1, min(trials, 5), int8=bool(cfg.get("int8", 0)))
                 result["sweep"].append({"shape": f"{n}x{k}", **cfg,
                                         "us": s["median_s"] * 1e6, "gbps": mats[0].nbytes / s["median_s"] / 1e9})
                 emit()
@@ -333,16 +334,24 @@ def print_table(info, copy, l2, rows) -> None:
 
 
 def print_sweep(sweep_rows, rows, copy) -> None:
-    print("\nlaunch sweep, batch 1 (cold), best 5 of each shape and the default (fast=1, wg by K, direct=2, xperm=1):")
+    print("\nlaunch sweep, batch 1 (cold): the best 5 float32 launches of each shape, the best int8 one, and "
+          "the defaults (fast=1, wg by K, direct=2, xperm=1):")
     for shape in dict.fromkeys(s["shape"] for s in sweep_rows):
-        mine = sorted((s for s in sweep_rows if s["shape"] == shape), key=lambda s: s["us"])
+        mine = [s for s in sweep_rows if s["shape"] == shape]
+        f32 = sorted((s for s in mine if not s.get("int8")), key=lambda s: s["us"])
+        i8 = sorted((s for s in mine if s.get("int8")), key=lambda s: s["us"])
         default = [r for r in rows if r["shape"] == shape and r["batch"] == 1]
-        for s in mine[:5]:
-            print(f"  {shape:>10} fast={s.get('fast', 0)} wg={s['wg']:<4} gpw={s['gpw']} direct={s['direct']} xperm={s.get('xperm', 0)}  {s['us']:8.1f} us  "
+        for s in f32[:5] + i8[:1]:
+            print(f"  {shape:>10} {'int8' if s.get('int8') else 'f32 '} fast={s.get('fast', 0)} wg={s['wg']:<4} gpw={s['gpw']} "
+                  f"direct={s['direct']} xperm={s.get('xperm', 0)}  {s['us']:8.1f} us  "
                   f"{s['gbps']:7.4g} GB/s  {100 * s['gbps'] / copy['gbps']:.0f}% of copy")
         if default:
-            print(f"  {shape:>10} default               {default[0]['ours_us']:8.1f} us  "
-                  f"{default[0]['ours_gbps']:7.4g} GB/s  {default[0]['pct_of_copy']:.0f}% of copy")
+            d = default[0]
+            print(f"  {shape:>10} f32  default               {d['ours_us']:8.1f} us  {d['ours_gbps']:7.4g} GB/s  {d['pct_of_copy']:.0f}% of copy")
+            if "int8_us" in d:
+                print(f"  {shape:>10} int8 default               {d['int8_us']:8.1f} us  {d['int8_gbps']:7.4g} GB/s  "
+                      f"{d['int8_pct_of_copy']:.0f}% of copy")
+
 
 if __name__ == "__main__":
     sys.exit(main())
