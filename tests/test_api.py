@@ -1215,6 +1215,33 @@ def test_set_and_get_num_threads():
     assert isinstance(_core.cpu_kernel(), str) and _core.cpu_kernel()
 
 
+def test_cpu_kernel_can_be_forced_to_a_slower_one():
+    """PREDPREY_CPU_KERNEL picks a kernel this CPU runs (here: the scalar reference, which every
+    CPU runs) and it computes the same products; a name it cannot run warns and is ignored."""
+    script = (
+        "import warnings, numpy as np, predprey_rs as pp\n"
+        "from predprey_rs import _core\n"
+        "w = np.random.default_rng(0).standard_normal((37, 300)).astype(np.float32)\n"
+        "x = np.random.default_rng(1).standard_normal(300).astype(np.float32)\n"
+        "p = pp.compress(w, 3.0)\n"
+        "import json; print(_core.cpu_kernel()); print(json.dumps([pp.matvec(p, x).tolist(), pp.matvec(p, x, activations='int8').tolist()]))\n"
+    )
+    ys = {}
+    for want in ("scalar", ""):
+        env = dict(os.environ, PREDPREY_CPU_KERNEL=want)
+        r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr.decode()
+        name, data = r.stdout.decode().splitlines()
+        if want:
+            assert name == want
+        ys[want] = np.array(json.loads(data))
+    np.testing.assert_allclose(ys["scalar"][0], ys[""][0], rtol=1e-4, atol=1e-4 * np.abs(ys[""][0]).max())
+    np.testing.assert_allclose(ys["scalar"][1], ys[""][1], rtol=1e-4, atol=1e-4 * np.abs(ys[""][1]).max())
+    env = dict(os.environ, PREDPREY_CPU_KERNEL="no-such-kernel")
+    r = subprocess.run([sys.executable, "-c", "import predprey_rs"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "PREDPREY_CPU_KERNEL='no-such-kernel'" in r.stderr, r.stderr
+
+
 @FEW
 @given(n=st.integers(1, 23), k=st.sampled_from(AWKWARD_K), b=st.sampled_from(BLOCK_SIZES), seed=st.integers(0, 2**32 - 1))
 def test_parts_round_trip_keeps_the_row_scales(n, k, b, seed):

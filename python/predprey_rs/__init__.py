@@ -27,6 +27,17 @@ from .io import compress_checkpoint, inspect_checkpoint, load_checkpoint, save_c
 
 __version__ = _core.__version__
 
+_want_kernel = os.environ.get("PREDPREY_CPU_KERNEL", "").strip()
+if _want_kernel and _want_kernel != _core.cpu_kernel():
+    import warnings
+
+    warnings.warn(
+        f"PREDPREY_CPU_KERNEL={_want_kernel!r} is not a CPU kernel this machine runs (names: scalar, "
+        f"avx2, avx512-vbmi-vnni, neon, neon-dotprod); using {_core.cpu_kernel()!r}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
 __all__ = [
     "BLOCK_SIZES",
     "FORMAT_VERSION",

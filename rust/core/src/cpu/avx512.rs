@@ -205,7 +205,7 @@ unsafe fn add_predators(c: &Ctx, g0: usize, out: &mut [f32]) {
             let mut j = rg.start & !15;
             while j < rg.end {
                 prefetch_code(cols.wrapping_add(j + ahead));
-                if j % 32 == 0 {
+                if j.is_multiple_of(32) {
                     prefetch_code(vals.wrapping_add(j + ahead));
                 }
                 j += 16;

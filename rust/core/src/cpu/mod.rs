@@ -127,10 +127,23 @@ impl Level {
         }
     }
 
-    /// The fastest supported level (detected once, then cached).
+    /// The level by its [`name`](Level::name).
+    pub fn from_name(name: &str) -> Option<Level> {
+        Level::ALL.into_iter().find(|l| l.name() == name)
+    }
+
+    /// The fastest supported level, or the one named by the environment variable
+    /// `PREDPREY_CPU_KERNEL` when this CPU supports it (to run and compare a slower path, e.g.
+    /// `avx2` on an AVX-512 machine); detected once, then cached. [`kernel_name`] says which.
     pub fn detect() -> Level {
         static BEST: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| Level::ALL.into_iter().rev().find(|l| l.supported()).unwrap_or(Level::Scalar))
+        *BEST.get_or_init(|| {
+            let forced = std::env::var("PREDPREY_CPU_KERNEL").ok().and_then(|v| Level::from_name(v.trim()));
+            match forced {
+                Some(l) if l.supported() => l,
+                _ => Level::ALL.into_iter().rev().find(|l| l.supported()).unwrap_or(Level::Scalar),
+            }
+        })
     }
 }
 
@@ -337,6 +350,7 @@ pub(crate) fn walk_pieces(c: &Ctx, g: usize, scr: &mut [f32], mut step: impl FnM
 /// Sum of `value * x[col]` over the predators of row `r`, in float32, one at a time (invalid
 /// columns read 0): the predator pass of the AVX2 and NEON kernels.
 #[inline(always)]
+#[cfg_attr(target_arch = "x86_64", allow(dead_code))] // x86-64 kernels gather with F16C instead
 pub(crate) fn predators_f32(c: &Ctx, r: usize, xf: &[f32]) -> f32 {
     let p = c.p;
     let range = c.predators(r);
@@ -383,6 +397,17 @@ pub(crate) struct Prep {
     pub qsum: Vec<i32>,
     /// The same in the lane order of `xt`: `qsumt[16 sb + L] = qsum[16 sb + lane_chunk(L)]`.
     pub qsumt: Vec<i32>,
+    /// Bytes per batch vector of `xt256`: `padded_cols` rounded up to 256 (int8 + AVX2 only).
+    pub st256: usize,
+    /// xq in the 256-column superblock layout of the AVX2 int8 kernel (int8 + AVX2 only): for
+    /// superblock `sb`, vector `v` (0..8), dword lane `L` (0..8), byte `j`:
+    /// `xt256[256 sb + 32 v + 4 L + j] = xq[256 sb + 32 L + 4 v + j]` (zero past `padded_cols`),
+    /// so lane `L` of all 8 vectors covers chunk `8 sb + L`. [batch][st256].
+    pub xt256: Vec<i8>,
+    /// Chunk sums `sum_{k in chunk j} xq_k` and chunk scales `s_j`, both [batch][st256 / 32],
+    /// zero past `padded_cols` (int8 + AVX2 only).
+    pub qsum256: Vec<i32>,
+    pub sx256: Vec<f32>,
 }
 
 impl Prep {
@@ -395,6 +420,7 @@ impl Prep {
         }
         let (mut xq, mut nxq, mut sx, mut sxl) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut xt, mut sxt, mut qsum, mut qsumt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut st256, mut nc256, mut xt256, mut qsum256, mut sx256) = (0, 0, Vec::new(), Vec::new(), Vec::new());
         if act == Activations::Int8 {
             let nc = stride / QUANT_CHUNK;
             xq = vec![0i8; batch * stride];
@@ -403,6 +429,11 @@ impl Prep {
             let avx512 = cfg!(target_arch = "x86_64") && level == Level::Avx512 && level.supported();
             if avx512 {
                 (xt, sxt, qsum, qsumt) = (vec![0i8; batch * stride], vec![0f32; batch * nc], vec![0i32; batch * nc], vec![0i32; batch * nc]);
+            }
+            if cfg!(target_arch = "x86_64") && level == Level::Avx2 && level.supported() {
+                st256 = d.padded_cols.div_ceil(256) * 256;
+                nc256 = st256 / QUANT_CHUNK;
+                (xt256, qsum256, sx256) = (vec![0i8; batch * st256], vec![0i32; batch * nc256], vec![0f32; batch * nc256]);
             }
             for b in 0..batch {
                 let (v, c) = (b * stride..(b + 1) * stride, b * nc..(b + 1) * nc);
@@ -418,6 +449,8 @@ impl Prep {
                     // SAFETY: the CPU has AVX2 + FMA + F16C (checked here); stride = 32 * nc.
                     Level::Avx2 if level.supported() => unsafe {
                         avx2::quantize_x(xs, qs, ss);
+                        let (t, c) = (b * st256..(b + 1) * st256, b * nc256..(b + 1) * nc256);
+                        avx2::prep_int8(qs, ss, &mut xt256[t], &mut qsum256[c.clone()], &mut sx256[c], d.padded_cols);
                         continue;
                     },
                     _ => {}
@@ -431,7 +464,8 @@ impl Prep {
                 sxl = sx.iter().flat_map(|&s| [s; QUANT_CHUNK / 4]).collect();
             }
         }
-        Prep { stride, xf, xq, nxq, sx, sxl, xt, sxt, qsum, qsumt }
+        let _ = nc256;
+        Prep { stride, xf, xq, nxq, sx, sxl, xt, sxt, qsum, qsumt, st256, xt256, qsum256, sx256 }
     }
     /// Padded float32 x of batch vector `b`.
     #[inline]

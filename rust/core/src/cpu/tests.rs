@@ -279,6 +279,27 @@ fn digit_decoders_match_the_format() {
 }
 
 #[test]
+#[cfg(target_arch = "x86_64")]
+fn avx2_int8_combinations_match_the_format() {
+    if !Level::Avx2.supported() {
+        return;
+    }
+    // SAFETY: AVX2 present (checked above).
+    let all = unsafe { avx2::combos_of_all_bytes() };
+    for b in 0..=255usize {
+        let [lo, c0, mid, c2, c4] = all[b];
+        // Every byte (also the invalid 243..=255): b = lo + 9 mid + 81 c4, and every
+        // combination small enough for vpmaddubsw (<= 8, c4 <= 3).
+        assert_eq!(lo as usize + 9 * mid as usize + 81 * c4 as usize, b, "byte {b}");
+        assert!(lo <= 8 && mid <= 8 && c4 <= 3 && c0 == lo % 3 && c2 == mid % 3, "byte {b}: {:?}", all[b]);
+        if b <= 242 {
+            let d = DIGITS[b];
+            assert_eq!([c0, (lo - c0) / 3, c2, (mid - c2) / 3, c4], d, "digits of byte {b}");
+        }
+    }
+}
+
+#[test]
 #[cfg(target_arch = "aarch64")]
 fn neon_digit_split_matches_the_format() {
     for b in 0..=255u8 {
@@ -510,6 +531,30 @@ fn check_int8_prep(level: Level) {
         let bits = |v: &[f32]| v.iter().map(|s| if s.is_nan() { u32::MAX } else { s.to_bits() }).collect::<Vec<_>>();
         assert_eq!(bits(&fast.sx), bits(&slow.sx), "trial {trial}: scales");
         let qsum: Vec<i32> = slow.xq.chunks_exact(32).map(|c| c.iter().map(|&v| v as i32).sum()).collect();
+        if level == Level::Avx2 {
+            // The 256-column superblocks of the AVX2 int8 kernel.
+            let t = fast.st256;
+            assert!(t.is_multiple_of(256) && t >= d.padded_cols && t < d.padded_cols + 256, "trial {trial}: st256 {t}");
+            let nk = d.padded_cols / 32;
+            for b in 0..batch {
+                for j in 0..t / 32 {
+                    let inside = j < nk;
+                    assert_eq!(fast.qsum256[b * (t / 32) + j], if inside { qsum[b * nc + j] } else { 0 }, "trial {trial}: chunk sums");
+                    assert_eq!(bits(&fast.sx256[b * (t / 32) + j..][..1])[0], if inside { bits(&slow.sx[b * nc + j..][..1])[0] } else { 0 }, "trial {trial}: chunk scales");
+                }
+                for sb in 0..t / 256 {
+                    for v in 0..8 {
+                        for l in 0..8 {
+                            for j in 0..4 {
+                                let col = 256 * sb + 32 * l + 4 * v + j;
+                                let want = if col < d.padded_cols { slow.xq[b * st + col] } else { 0 };
+                                assert_eq!(fast.xt256[b * t + 256 * sb + 32 * v + 4 * l + j], want, "trial {trial}: layout");
+                            }
+                        }
+                    }
+                }
+            }
+        }
         if level != Level::Avx512 {
             // Only the AVX-512 kernel reads the negated codes and lane scales.
             assert!(fast.nxq.is_empty() && fast.sxl.is_empty());
