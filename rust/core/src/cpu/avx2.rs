@@ -1,11 +1,15 @@
 //! AVX2 kernels (AVX2 + FMA + F16C), for x86-64 CPUs without AVX-512 VBMI.
 //!
-//! A 32-column vector (one int8 quantization chunk, inside one block for every block size) is
-//! widened to 16-bit lanes once, and the digit of row i is computed exactly with two multiplies:
+//! float32: a 32-column vector (inside one block for every block size) is widened to 16-bit
+//! lanes once, and the digit of row i is computed exactly with two multiplies:
 //! `u = lo16(b * M_i)`, `c_i = hi16(u * 3)`, `M_i = ceil(2^16 / 3^(i+1))`. (`u / 2^16` is the
 //! fraction of `b / 3^(i+1)` plus at most `242 / 2^16`, less than the distance 1/243 between
 //! possible fractions, so the digit boundary is never crossed; a test checks all 243 bytes.)
-//! Then int8: `vpmaddwd(t, q)` per 16 columns; float32: digits to float and FMA.
+//! Then digits to float and FMA.
+//!
+//! int8 ([`group_int8`]): 256-column superblocks of 8 transposed code vectors against `x` in the
+//! same layout, five byte combinations of the digits per vector (`combos`) into `vpmaddubsw`,
+//! one float step per row per superblock (docs/kernels.md).
 
 #![allow(clippy::needless_range_loop)] // index loops over rows / batch vectors / lanes read best here
 
