@@ -435,9 +435,10 @@ unsafe fn group_int8<const NB: usize>(c: &Ctx, g: usize, b0: usize, out: &mut [f
     for ps in 0..ncv.div_ceil(8) {
         let cv0 = 8 * ps;
         let cnt = (ncv - cv0).min(8);
+        // (cpe is a power of two: shifts and masks, not divisions)
         let cols: [usize; 8] = core::array::from_fn(|l| {
             let cv = (cv0 + l).min(ncv - 1);
-            (c.p2_block(es.start + cv / cpe) << lb) + 32 * (cv % cpe)
+            (c.p2_block(es.start + (cv >> (lb - 5))) << lb) + 32 * (cv & (cpe - 1))
         });
         // SAFETY: code loads of chunk vectors < ncv inside pc; x loads at cols + 32 <= kp <=
         // stride (block < nb); lane values at cols / 32 < kp / 32 <= nc; scale loads at
@@ -463,7 +464,7 @@ unsafe fn group_int8<const NB: usize>(c: &Ctx, g: usize, b0: usize, out: &mut [f
                 let v: [f32; 8] = core::array::from_fn(|l| if l < cnt { ss[b][cols[l] / 32] } else { 0.0 });
                 _mm256_loadu_ps(v.as_ptr())
             });
-            let w: [__m256; R] = core::array::from_fn(|i| _mm256_permutevar8x32_ps(_mm256_loadu_ps(t2.as_ptr().add(i * rs + cv0 / cpe)), lane_ent));
+            let w: [__m256; R] = core::array::from_fn(|i| _mm256_permutevar8x32_ps(_mm256_loadu_ps(t2.as_ptr().add(i * rs + (cv0 >> (lb - 5)))), lane_ent));
             superblock::<NB>(&t, &xv, &q, &s, &w, &mut acc);
         }
     }
