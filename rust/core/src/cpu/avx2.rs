@@ -13,7 +13,7 @@
 
 #![allow(clippy::needless_range_loop)] // index loops over rows / batch vectors / lanes read best here
 
-use super::{Activations, Ctx, Scratch, BATCH_TILE};
+use super::{prefetch_code, Activations, Ctx, Scratch, AHEAD, BATCH_TILE};
 use crate::format::ROWS_PER_GROUP;
 use core::arch::x86_64::*;
 
@@ -408,10 +408,9 @@ unsafe fn group_int8<const NB: usize>(c: &Ctx, g: usize, b0: usize, out: &mut [f
         // loads at 8 sb + 8 <= nc; scale loads at i rs + (256 sb >> lb) + 8 <= i rs + nb + 8
         // (256 sb < kp + 256, and 256 >> lb <= 8).
         unsafe {
-            _mm_prefetch::<_MM_HINT_T1>(codes.as_ptr().wrapping_add(c0 + AHEAD) as *const i8);
-            _mm_prefetch::<_MM_HINT_T1>(codes.as_ptr().wrapping_add(c0 + AHEAD + 64) as *const i8);
-            _mm_prefetch::<_MM_HINT_T1>(codes.as_ptr().wrapping_add(c0 + AHEAD + 128) as *const i8);
-            _mm_prefetch::<_MM_HINT_T1>(codes.as_ptr().wrapping_add(c0 + AHEAD + 192) as *const i8);
+            for o in (0..256).step_by(64) {
+                prefetch_code(codes.as_ptr().wrapping_add(c0 + AHEAD + o));
+            }
             let rows: [__m256i; 8] = core::array::from_fn(|l| {
                 if c0 + 32 * l + 32 <= kp { _mm256_loadu_si256(codes.as_ptr().add(c0 + 32 * l) as *const __m256i) } else { zero8 }
             });
@@ -444,10 +443,9 @@ unsafe fn group_int8<const NB: usize>(c: &Ctx, g: usize, b0: usize, out: &mut [f
         // stride (block < nb); lane values at cols / 32 < kp / 32 <= nc; scale loads at
         // i rs + cv0 / cpe + 8 <= i rs + ne + 8 <= (i + 1) rs.
         unsafe {
-            _mm_prefetch::<_MM_HINT_T1>(pc.as_ptr().wrapping_add(32 * cv0 + AHEAD) as *const i8);
-            _mm_prefetch::<_MM_HINT_T1>(pc.as_ptr().wrapping_add(32 * cv0 + AHEAD + 64) as *const i8);
-            _mm_prefetch::<_MM_HINT_T1>(pc.as_ptr().wrapping_add(32 * cv0 + AHEAD + 128) as *const i8);
-            _mm_prefetch::<_MM_HINT_T1>(pc.as_ptr().wrapping_add(32 * cv0 + AHEAD + 192) as *const i8);
+            for o in (0..256).step_by(64) {
+                prefetch_code(pc.as_ptr().wrapping_add(32 * cv0 + AHEAD + o));
+            }
             let rows: [__m256i; 8] = core::array::from_fn(|l| {
                 if l < cnt { _mm256_loadu_si256(pc.as_ptr().add(32 * (cv0 + l)) as *const __m256i) } else { zero8 }
             });
@@ -474,16 +472,11 @@ unsafe fn group_int8<const NB: usize>(c: &Ctx, g: usize, b0: usize, out: &mut [f
         for b in 0..NB {
             let mut y = hsum(acc[i][b]);
             if r < p.rows {
-                // Entries past nb (only in an invalid matrix, whose blocks then repeat): one
-                // at a time, by the reference digits.
+                // Entries past nb (only in an invalid matrix, whose blocks then repeat): by the
+                // reference kernel's block sum.
                 for e in es.start + ne..es.end {
-                    let (blk, sw) = (c.p2_block(e), p.p2_scale(e, r));
-                    let (xq, sx) = (x.xq(b0 + b), x.sx(b0 + b));
-                    for (k, &code) in p.p2_codes[e * bs..(e + 1) * bs].iter().enumerate() {
-                        let col = (blk << lb) + k;
-                        let t = crate::format::DIGITS[code as usize][i] as f32 - 1.0;
-                        y += sw * sx[col / 32] * t * xq[col] as f32;
-                    }
+                    let dot = super::scalar::block_int8(c, i, b0 + b, &p.p2_codes[e * bs..(e + 1) * bs], c.p2_block(e) << lb);
+                    y += p.p2_scale(e, r) * dot as f32;
                 }
                 // SAFETY: features per this function's contract.
                 y += unsafe { predators(c, r, x.xf(b0 + b)) };
@@ -535,6 +528,3 @@ static U8_F32: [f32; 256] = {
     }
     t
 };
-
-/// Bytes ahead that the code streams are prefetched (T1: into L2; see the AVX-512 kernel).
-const AHEAD: usize = 4096;

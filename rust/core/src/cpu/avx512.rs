@@ -17,7 +17,7 @@
 
 #![allow(clippy::needless_range_loop)] // index loops over rows / batch vectors / lanes read best here
 
-use super::{Activations, Ctx, Scratch, BATCH_TILE};
+use super::{prefetch_code, Activations, Ctx, Scratch, AHEAD, BATCH_TILE};
 use crate::format::{row_unit, ROWS_PER_GROUP};
 use core::arch::x86_64::*;
 
@@ -265,29 +265,12 @@ unsafe fn row_scales(c: &Ctx, g: usize, scr: &mut Scratch) {
     }
 }
 
-/// Bytes ahead of the current position that the code streams are prefetched (measured: the
-/// hardware prefetcher alone loses about half the speed once a matrix falls out of L3).
-const AHEAD: usize = 4096;
 
 /// Prefetch hint for the cache line holding `p` (any address: a prefetch never faults).
 #[inline(always)]
 fn prefetch<T>(p: *const T) {
     // SAFETY: PREFETCHT0 is a hint; it cannot fault or change memory, whatever the address.
     unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) };
-}
-
-/// Prefetch with the T1 hint (into L2, not L1) for the streams read once: codes of both planes
-/// `AHEAD` bytes on, and the predator arrays in `add_predators`. Measured (session 9, Python,
-/// 2 threads, int8, 3.0 bits, 4096 x 14336, 21-25 rounds alternating in one process, medians):
-/// rotating over four matrices (84 MB, past the 32 MiB L3) 1.285 ms with T0 and no predator
-/// prefetch, 1.238 with T0 + predators, 1.152 with T1 alone, 1.089 with both (14336 x 4096:
-/// 1.760 -> 1.622 for T0 -> T1); one L3-resident matrix 1.007 vs 1.020 (equal within the
-/// noise). A T0 line holds one of L1's few miss buffers for its whole trip from memory; T1 lets
-/// the L2's deeper queue carry it. 2048 bytes ahead measured worse, 8192 the same.
-#[inline(always)]
-fn prefetch_code<T>(p: *const T) {
-    // SAFETY: PREFETCHT1 is a hint; it cannot fault or change memory, whatever the address.
-    unsafe { _mm_prefetch::<_MM_HINT_T1>(p as *const i8) };
 }
 
 /// Prefetches `len` elements from `s[start..]` (clamped to the slice), one hint per 64 bytes.

@@ -24,6 +24,20 @@ fn t(byte: u8, i: usize) -> i32 {
     DIGITS[byte as usize][i] as i32 - 1
 }
 
+/// `sum_k t_ik x_k` over one block's code `bytes` (first column `k0`, a multiple of 32) for
+/// row `i` of the group and batch vector `b`, with the int8 activations: per 32-column chunk
+/// an exact integer dot times the chunk scale, in float64.
+pub(crate) fn block_int8(c: &Ctx, i: usize, b: usize, bytes: &[u8], k0: usize) -> f64 {
+    let (xq, sx) = (c.x.xq(b), c.x.sx(b));
+    let mut sum = 0f64;
+    for (j, chunk) in bytes.chunks(QUANT_CHUNK).enumerate() {
+        let k = k0 + j * QUANT_CHUNK;
+        let dot: i32 = chunk.iter().enumerate().map(|(kk, &byte)| t(byte, i) * xq[k + kk] as i32).sum();
+        sum += sx[k / QUANT_CHUNK] as f64 * dot as f64;
+    }
+    sum
+}
+
 /// y_r for batch vector `b`, in float64.
 pub(crate) fn row(c: &Ctx, r: usize, b: usize) -> f64 {
     let p = c.p;
@@ -38,16 +52,7 @@ pub(crate) fn row(c: &Ctx, r: usize, b: usize) -> f64 {
             Activations::F32 => {
                 s * bytes.iter().enumerate().map(|(kk, &byte)| t(byte, i) as f64 * xf[k0 + kk] as f64).sum::<f64>()
             }
-            Activations::Int8 => {
-                let (xq, sx) = (c.x.xq(b), c.x.sx(b));
-                let mut sum = 0f64;
-                for (j, chunk) in bytes.chunks(QUANT_CHUNK).enumerate() {
-                    let k = k0 + j * QUANT_CHUNK;
-                    let dot: i32 = chunk.iter().enumerate().map(|(kk, &byte)| t(byte, i) * xq[k + kk] as i32).sum();
-                    sum += sx[k / QUANT_CHUNK] as f64 * dot as f64;
-                }
-                s * sum
-            }
+            Activations::Int8 => s * block_int8(c, i, b, bytes, k0),
         }
     };
     for blk in 0..nb {
