@@ -27,8 +27,52 @@ pub(crate) const MAXB: usize = 256;
 /// Most predators of one block.
 const MAXP: usize = PREDATOR_COUNTS[NM - 1];
 
+/// `v` rounded to FP16 (through float32, as the FP16 scales have always been rounded on x86:
+/// f64 -> f32 -> f16, each to nearest even), back as f32.
+#[inline(always)]
 pub(super) fn round_f16(v: f64) -> f32 {
-    f16::from_f64(v).to_f32()
+    f16_to_f32(f32_to_f16(v as f32))
+}
+
+/// f32 -> FP16 bits, to nearest even (overflow to infinity, NaN to a quiet NaN): what F16C's
+/// `vcvtps2ph` gives, in plain integer code that inlines into the fitter's loops (the `half`
+/// crate's conversion is an out-of-line call behind a CPU check, and the fitter makes ~60 per
+/// block).
+#[inline(always)]
+pub(crate) fn f32_to_f16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let a = b & 0x7FFF_FFFF;
+    if a >= 0x7F80_0000 {
+        return sign | 0x7C00 | if a > 0x7F80_0000 { 0x0200 | ((a >> 13) & 0x3FF) as u16 } else { 0 };
+    }
+    if a >= 0x3880_0000 {
+        // Normal in FP16 (>= 2^-14) or rounding past 65504 into infinity: rebias the exponent
+        // (127 -> 15) and round the 13 dropped bits; a carry moves into the exponent.
+        let r = a.min(0x4780_0000) - 0x3800_0000;
+        return sign | ((r + 0x0FFF + ((r >> 13) & 1)) >> 13) as u16;
+    }
+    if a <= 0x3300_0000 {
+        // At most 2^-25, half the smallest subnormal: zero (the tie goes to even).
+        return sign;
+    }
+    // Subnormal: the significand with its leading bit, shifted right by 14..=24, to nearest even.
+    let m = (a & 0x7F_FFFF) | 0x80_0000;
+    let shift = 126 - (a >> 23);
+    let (q, rem, half) = (m >> shift, m & ((1 << shift) - 1), 1 << (shift - 1));
+    sign | (q + (rem > half || (rem == half && q & 1 == 1)) as u32) as u16
+}
+
+/// FP16 bits -> f32 (exact), inline like `f32_to_f16`.
+#[inline(always)]
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h & 0x8000) as u32) << 16;
+    let (e, m) = (((h >> 10) & 0x1F) as u32, (h & 0x3FF) as u32);
+    match e {
+        0 => f32::from_bits((m as f32 * (1.0 / 16_777_216.0)).to_bits() | sign),
+        31 => f32::from_bits(sign | 0x7F80_0000 | (m << 13) | if m != 0 { 0x40_0000 } else { 0 }),
+        _ => f32::from_bits(sign | ((e + 112) << 23) | (m << 13)),
+    }
 }
 
 /// What `Fitter::block_stats` learnt about one block that `Fitter::fit_recorded` needs to
@@ -337,7 +381,7 @@ impl Fitter {
             let k = self.order[j] as usize;
             let (axj, hj) = (self.l_ax[j], self.l_h[j]);
             total -= hj as f64 * (axj as f64) * (axj as f64);
-            let d = x[k] as f64 - f16::from_f32(x[k]).to_f64();
+            let d = x[k] as f64 - f16_to_f32(f32_to_f16(x[k])) as f64;
             perr += hj as f64 * d * d;
             self.seq[self.nseq] = k as u8;
             self.seq_pos[self.nseq] = j as u8;
@@ -669,7 +713,7 @@ impl Fitter {
                     let k = self.seq[m] as usize;
                     let d = x[k] as f64 - a as f64 * self.u[k] as f64 - b as f64 * self.v[k] as f64;
                     removed += h[k] as f64 * d * d;
-                    let dp = x[k] as f64 - f16::from_f32(x[k]).to_f64();
+                    let dp = x[k] as f64 - f16_to_f32(f32_to_f16(x[k])) as f64;
                     perr += h[k] as f64 * dp * dp;
                     m += 1;
                 }
@@ -723,7 +767,7 @@ impl Fitter {
         };
         let perr: f64 = self.seq[..self.nseq].iter().map(|&k| {
             let k = k as usize;
-            let d = x[k] as f64 - f16::from_f32(x[k]).to_f64();
+            let d = x[k] as f64 - f16_to_f32(f32_to_f16(x[k])) as f64;
             h[k] as f64 * d * d
         }).sum();
         (s1, s2, err + perr)
@@ -736,10 +780,10 @@ impl Fitter {
         let mut r = BlockRecord { seq: self.seq, nseq: self.nseq as u8, ..Default::default() };
         for ci in 0..NM {
             r.thr[ci] = self.one[ci].0;
-            r.s[ci] = f16::from_f32(self.one[ci].1).to_bits();
+            r.s[ci] = f32_to_f16(self.one[ci].1);
         }
         let (a, b, e, it) = self.joint;
-        (r.a, r.b, r.e, r.joint_iters, r.converged) = (f16::from_f32(a).to_bits(), f16::from_f32(b).to_bits(), e, it, self.converged);
+        (r.a, r.b, r.e, r.joint_iters, r.converged) = (f32_to_f16(a), f32_to_f16(b), e, it, self.converged);
         if it != u8::MAX {
             for (i, c) in codes[..n.div_ceil(2)].iter_mut().enumerate() {
                 let dg = |k: usize| if k < n { (self.u[k] + 1.0) as u8 + 3 * (self.v[k] + 1.0) as u8 } else { 0 };
@@ -792,7 +836,7 @@ impl Fitter {
             self.v[n..n8].fill(0.0);
             self.joint_masks(h);
             // `two_planes(x, h, cfg.joint_iters)` as the record's shorter one continued.
-            let (mut a, mut b, mut e) = (f16::from_bits(rec.a).to_f32(), f16::from_bits(rec.b).to_f32(), rec.e);
+            let (mut a, mut b, mut e) = (f16_to_f32(rec.a), f16_to_f32(rec.b), rec.e);
             self.converged = rec.converged;
             let more = cfg.joint_iters.saturating_sub(rec.joint_iters as usize);
             if !rec.converged && more > 0 {
@@ -811,7 +855,7 @@ impl Fitter {
         } else {
             let ci = ci.unwrap_or(0);
             self.one_plane_codes(x, rec.thr[ci], &rec.seq[..m]);
-            (f16::from_bits(rec.s[ci]).to_f32(), 0.0)
+            (f16_to_f32(rec.s[ci]), 0.0)
         }
     }
 
@@ -1100,6 +1144,38 @@ unsafe fn assign_avx2(xs: &[f32], hm: &[f32], mk: &[f32], nu: &mut [f32], nv: &m
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn f16_conversions_match_the_half_crate() {
+        // Every FP16 value to f32 (NaNs: any NaN).
+        for h in 0..=u16::MAX {
+            let (a, b) = (f16_to_f32(h), f16::from_bits(h).to_f32());
+            assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{h:#06x}: {a} vs {b}");
+        }
+        // f32 to FP16: every exponent and sign with the high 9 significand bits, and low 14 bits
+        // around each rounding boundary (the 13 dropped bits of normals, up to 24 for subnormals).
+        let lows = [0u32, 1, 0xFFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x2FFF, 0x3000, 0x3001, 0x3FFF];
+        for hi in 0..(1u32 << 18) {
+            for &lo in &lows {
+                let x = f32::from_bits((hi << 14) | lo);
+                let (a, b) = (f32_to_f16(x), f16::from_f32(x).to_bits());
+                assert!(a == b || (x.is_nan() && f16::from_bits(a).is_nan()), "{:#010x}: {a:#06x} vs {b:#06x}", x.to_bits());
+            }
+        }
+        // Subnormal results: every shift, around every rounding point of the kept bits.
+        for e in 100u32..=113 {
+            for m in (0..(1u32 << 23)).step_by(997).chain([0, 1, 0x3F_FFFF, 0x40_0000, 0x40_0001, 0x7F_FFFF]) {
+                for sign in [0, 0x8000_0000] {
+                    let x = f32::from_bits(sign | (e << 23) | m);
+                    assert_eq!(f32_to_f16(x), f16::from_f32(x).to_bits(), "{:#010x}", x.to_bits());
+                }
+            }
+        }
+        // round_f16 keeps the f64 -> f32 -> f16 path.
+        for v in [1.0f64 + 2f64.powi(-11) + 2f64.powi(-40), 65519.999, 65520.0, 1e-8, -3.3e-5, 0.1] {
+            assert_eq!(round_f16(v), f16::from_f32(v as f32).to_f32(), "{v}");
+        }
+    }
 
     #[test]
     fn vector_sorts_match_the_library_sort() {
