@@ -24,5 +24,5 @@ for run in max:neon-dotprod cortex-a72:neon; do
     echo "aarch64 kernel tests under qemu -cpu $cpu (expecting the ${run#*:} kernel)"
     PREDPREY_EXPECT_KERNEL="${run#*:}" \
     CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu -cpu $cpu" \
-        cargo test --release -q -p predprey-core --target "$target" --lib cpu::
+        cargo test --release -q -p predprey-core --target "$target" --lib -- cpu:: f16_conversions
 done
