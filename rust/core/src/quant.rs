@@ -317,30 +317,42 @@ impl Analysis {
         (&self.records[c], &self.joint_codes[c * cb..(c + 1) * cb])
     }
 
-    fn decide_cell(&self, c: usize, lambda: f64) -> (bool, [u8; ROWS_PER_GROUP], f64, f64) {
+    /// Cell `c`'s choice at price `lambda`: (plane 2, predator count index per row, bits).
+    fn decide_cell(&self, c: usize, lambda: f64) -> (bool, [u8; ROWS_PER_GROUP], f64) {
+        let (s, n) = self.cell_stats(c);
+        decide(&s[..n], lambda, 8.0 * self.dims.predator_bytes() as f64, 8.0 * self.dims.p2_entry_bytes() as f64, self.allow_plane2)
+    }
+
+    /// The stats of cell `c`'s rows: the first `n` (its group's rows that exist), and `n`.
+    fn cell_stats(&self, c: usize) -> ([&[[f32; NM]; 2]; ROWS_PER_GROUP], usize) {
         let (rows, nb) = (self.dims.rows, self.dims.n_blocks);
         let (gi, blk) = (c / nb, c % nb);
         let n = (rows - gi * ROWS_PER_GROUP).min(ROWS_PER_GROUP);
-        let s: [&[[f32; NM]; 2]; ROWS_PER_GROUP] = std::array::from_fn(|i| &self.stats[(gi * ROWS_PER_GROUP + i.min(n - 1)) * nb + blk]);
-        let (p2, counts, bits) = decide(&s[..n], lambda, 8.0 * self.dims.predator_bytes() as f64,
-                                        8.0 * self.dims.p2_entry_bytes() as f64, self.allow_plane2);
-        let err: f64 = (0..n).map(|i| s[i][p2 as usize][counts[i] as usize] as f64).sum();
-        (p2, counts, bits, err)
+        (std::array::from_fn(|i| &self.stats[(gi * ROWS_PER_GROUP + i.min(n - 1)) * nb + blk]), n)
+    }
+
+    /// Bits of every cell at price `lambda` (without the fixed part). Each is a whole number
+    /// (bytes times 8), so their sums are exact in any order.
+    fn cell_bits(&self, lambda: f64) -> Vec<f64> {
+        let d = &self.dims;
+        (0..d.n_groups * d.n_blocks).into_par_iter().map(|c| self.decide_cell(c, lambda).2).collect()
     }
 
     /// Total stored bits (every array) when each cell takes its best choice at price `lambda`
     /// (error removed per bit). Non-increasing in `lambda`.
     pub fn total_bits(&self, lambda: f64) -> f64 {
-        let d = &self.dims;
-        8.0 * d.fixed_bytes() as f64
-            + crate::cpu::run_in_pool(|| (0..d.n_groups * d.n_blocks).into_par_iter().map(|c| self.decide_cell(c, lambda).2).sum::<f64>())
+        self.min_bits() + crate::cpu::run_in_pool(|| self.cell_bits(lambda).iter().sum::<f64>())
     }
 
     /// The estimated weighted squared error at price `lambda` (an upper bound of what
     /// `encode(lambda)` gives).
     pub fn error(&self, lambda: f64) -> f64 {
         let d = &self.dims;
-        crate::cpu::run_in_pool(|| (0..d.n_groups * d.n_blocks).into_par_iter().map(|c| self.decide_cell(c, lambda).3).sum())
+        crate::cpu::run_in_pool(|| (0..d.n_groups * d.n_blocks).into_par_iter().map(|c| {
+            let (p2, counts, _) = self.decide_cell(c, lambda);
+            let (st, n) = self.cell_stats(c);
+            st[..n].iter().zip(counts).map(|(st, ci)| st[p2 as usize][ci as usize] as f64).sum::<f64>()
+        }).sum())
     }
 
     /// Bits of the cheapest matrix (plane 1 only, no predators).
@@ -363,61 +375,174 @@ impl Analysis {
         if self.total_bits(0.0) <= budget_bits {
             return 0.0;
         }
+        let ((lo, blo, clo), (hi, bhi, chi)) = match self.bracket_near(budget_bits) {
+            Some(b) => b,
+            None => self.bracket_full(budget_bits),
+        };
+        // Narrowed to a relative width of 1e-6, evaluating only the cells whose bits differ
+        // between the bracket's ends (a cell's bits do not grow with the price, so the others
+        // keep theirs inside). Should rounding ever break that, the full evaluation at the
+        // price found tells, and the narrowing is redone without skipping cells.
+        let found = self.narrow(budget_bits, (lo, blo, &clo), (hi, bhi, &chi), true);
+        if self.total_bits(found) <= budget_bits {
+            return found;
+        }
+        self.narrow(budget_bits, (lo, blo, &clo), (hi, bhi, &chi), false)
+    }
+
+    /// A bracket bits(hi) <= budget < bits(lo) close around the price: a rough price from a
+    /// sample of the cells (every step-th, its bits scaled up; cheap), then a bracket 2 % either
+    /// side of it, widened (squaring the factor) up to 8 times. Each end with its total and
+    /// per-cell bits; `None` where that does not bracket the budget.
+    #[allow(clippy::type_complexity)]
+    fn bracket_near(&self, budget_bits: f64) -> Option<((f64, f64, Vec<f64>), (f64, f64, Vec<f64>))> {
+        let fixed = self.min_bits();
+        let n_cells = self.dims.n_groups * self.dims.n_blocks;
+        let step = n_cells / 4096;
+        if step < 4 {
+            return None;
+        }
+        let scale = n_cells as f64 / n_cells.div_ceil(step) as f64;
+        let estimate = |lambda: f64| {
+            let sum: f64 = (0..n_cells).into_par_iter().step_by(step).map(|c| self.decide_cell(c, lambda).2).sum();
+            fixed + scale * sum - budget_bits
+        };
+        let top = self.max_lambda();
+        let (ftop, bottom) = (estimate(top), top * 1e-12);
+        let fbottom = estimate(bottom);
+        if ftop > 0.0 || fbottom <= 0.0 {
+            return None;
+        }
+        let rough = false_position((bottom, fbottom), (top, ftop), 1e-3, estimate);
+        let total = |cells: &[f64]| fixed + cells.iter().sum::<f64>();
+        let mut widen = 1.02f64;
+        let (mut hi, mut lo) = (rough * widen, rough / widen);
+        let mut chi = self.cell_bits(hi);
+        let mut bhi = total(&chi);
+        let mut clo = self.cell_bits(lo);
+        let mut blo = total(&clo);
+        for _ in 0..8 {
+            if bhi <= budget_bits && blo > budget_bits {
+                return Some(((lo, blo, clo), (hi, bhi, chi)));
+            }
+            widen *= widen;
+            if bhi > budget_bits {
+                (lo, blo, clo) = (hi, bhi, chi);
+                hi *= widen;
+                chi = self.cell_bits(hi);
+                bhi = total(&chi);
+            } else {
+                (hi, bhi, chi) = (lo, blo, clo);
+                lo /= widen;
+                clo = self.cell_bits(lo);
+                blo = total(&clo);
+            }
+        }
+        (bhi <= budget_bits && blo > budget_bits).then_some(((lo, blo, clo), (hi, bhi, chi)))
+    }
+
+    /// A bracket bits(hi) <= budget < bits(lo) over the whole range: hi from the largest
+    /// block error up (x4 at a time), lo 1e-12 of it or 0. A budget below the plane-1-only
+    /// matrix is unreachable and gets that matrix (callers check the minimum first).
+    #[allow(clippy::type_complexity)]
+    fn bracket_full(&self, budget_bits: f64) -> ((f64, f64, Vec<f64>), (f64, f64, Vec<f64>)) {
+        let total = |cells: &[f64]| self.min_bits() + cells.iter().sum::<f64>();
         let mut hi = self.max_lambda();
-        let mut bhi = self.total_bits(hi);
-        // At a high enough price only plane 1 is bought; a budget below that is unreachable
-        // and gets the plane-1-only encoding (callers check the minimum first).
+        let mut chi = self.cell_bits(hi);
+        let mut bhi = total(&chi);
         for _ in 0..200 {
             if bhi <= budget_bits {
                 break;
             }
             hi *= 4.0;
-            bhi = self.total_bits(hi);
+            chi = self.cell_bits(hi);
+            bhi = total(&chi);
         }
         let mut lo = hi * 1e-12;
-        let blo = self.total_bits(lo);
+        let mut clo = self.cell_bits(lo);
+        let mut blo = total(&clo);
         if blo <= budget_bits {
             lo = 0.0;
+            clo = self.cell_bits(0.0);
+            blo = total(&clo);
         }
-        // Bracket bits(hi) <= budget < bits(lo), narrowed to a relative width of 1e-6. The bits
-        // are a fine staircase in ln(lambda), nearly smooth at this scale: false position on
-        // (ln lambda, bits) with the Illinois correction takes ~10 evaluations where bisection
-        // takes ~25; a bisection step whenever the bracket has not halved in two steps.
-        let (mut fa, mut fb) = (blo - budget_bits, bhi - budget_bits);
-        let (mut side, mut stall) = (0i8, 0u8);
-        for _ in 0..200 {
-            if hi / lo.max(1e-300) < 1.0 + 1e-6 {
-                break;
-            }
-            let width = if lo > 0.0 { (hi / lo).ln() } else { f64::INFINITY };
-            let mid = if lo == 0.0 {
-                hi * 1e-12
-            } else {
-                let t = if stall >= 2 || fa <= fb { 0.5 } else { (fa / (fa - fb)).clamp(0.02, 0.98) };
-                let m = (lo.ln() + t * width).exp();
-                if m > lo && m < hi { m } else { (lo * hi).sqrt() }
-            };
-            let f = self.total_bits(mid) - budget_bits;
-            if f <= 0.0 {
-                hi = mid;
-                fb = f;
-                if side == 1 {
-                    fa *= 0.5;
-                }
-                side = 1;
-            } else {
-                lo = mid;
-                fa = f;
-                if side == -1 {
-                    fb *= 0.5;
-                }
-                side = -1;
-            }
-            let shrunk = lo > 0.0 && (hi / lo).ln() <= 0.5 * width;
-            stall = if shrunk || stall >= 2 { 0 } else { stall + 1 };
-        }
-        hi
+        ((lo, blo, clo), (hi, bhi, chi))
     }
+
+    /// Narrows the bracket bits(hi) <= budget < bits(lo) (or lo = 0) to a relative width of
+    /// 1e-6 and returns its upper end. Each end comes with its total bits and its per-cell bits.
+    /// With `skip`, only the cells whose bits differ between the ends are evaluated inside (the
+    /// rest keep them); the totals are the same where a cell's bits do not grow with the price.
+    fn narrow(&self, budget_bits: f64, (lo, blo, clo): (f64, f64, &[f64]), (hi, bhi, chi): (f64, f64, &[f64]), skip: bool) -> f64 {
+        // The cells evaluated: (cell, bits at lo, bits at hi); the others' bits, with the fixed
+        // part, in `settled`.
+        let mut active: Vec<(u32, f64, f64)> = vec![];
+        let mut settled = self.min_bits();
+        for (c, (&l, &h)) in clo.iter().zip(chi).enumerate() {
+            if skip && l == h {
+                settled += h;
+            } else {
+                active.push((c as u32, l, h));
+            }
+        }
+        false_position((lo, blo - budget_bits), (hi, bhi - budget_bits), 1e-6, |mid| {
+            let bm: Vec<f64> = active.par_iter().map(|&(c, _, _)| self.decide_cell(c as usize, mid).2).collect();
+            let f = settled + bm.iter().sum::<f64>() - budget_bits;
+            // The new bracket's cells: those whose bits still differ between its ends.
+            let mut next = Vec::with_capacity(active.len());
+            for (&(c, l, h), &m) in active.iter().zip(&bm) {
+                let (l, h) = if f <= 0.0 { (l, m) } else { (m, h) };
+                if skip && l == h {
+                    settled += m;
+                } else {
+                    next.push((c, l, h));
+                }
+            }
+            active = next;
+            f
+        })
+    }
+}
+
+/// The smallest price (to relative width `rel`) where `f` (bits over budget, non-increasing)
+/// is <= 0, from a bracket f(lo) > 0 >= f(hi) (lo may be 0): false position on (ln lambda, f)
+/// with the Illinois correction (the bits are a fine staircase in ln lambda, nearly smooth at
+/// this scale: ~10 evaluations where bisection takes ~25), and a bisection step whenever the
+/// bracket has not halved in two steps. Returns the bracket's upper end.
+fn false_position((mut lo, mut fa): (f64, f64), (mut hi, mut fb): (f64, f64), rel: f64, mut f: impl FnMut(f64) -> f64) -> f64 {
+    let (mut side, mut stall) = (0i8, 0u8);
+    for _ in 0..200 {
+        if hi / lo.max(1e-300) < 1.0 + rel {
+            break;
+        }
+        let width = if lo > 0.0 { (hi / lo).ln() } else { f64::INFINITY };
+        let mid = if lo == 0.0 {
+            hi * 1e-12
+        } else {
+            let t = if stall >= 2 || fa <= fb { 0.5 } else { (fa / (fa - fb)).clamp(0.02, 0.98) };
+            let m = (lo.ln() + t * width).exp();
+            if m > lo && m < hi { m } else { (lo * hi).sqrt() }
+        };
+        let fm = f(mid);
+        if fm <= 0.0 {
+            hi = mid;
+            fb = fm;
+            if side == 1 {
+                fa *= 0.5;
+            }
+            side = 1;
+        } else {
+            lo = mid;
+            fa = fm;
+            if side == -1 {
+                fb *= 0.5;
+            }
+            side = -1;
+        }
+        let shrunk = lo > 0.0 && (hi / lo).ln() <= 0.5 * width;
+        stall = if shrunk || stall >= 2 { 0 } else { stall + 1 };
+    }
+    hi
 }
 
 /// Compresses `w` (float32 [rows, cols], row-major) to at most `cfg.bits` bits per weight.
@@ -476,7 +601,7 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
         // Digit of code t, stored negated when the block's scale is negative (same weights).
         let digit = |t: i8, s: f32| (if s < 0.0 { 1 - t } else { t + 1 }) as u8;
         for blk in 0..nb {
-            let (p2, counts, _, _) = a.decide_cell(gi * nb + blk, lambda);
+            let (p2, counts, _) = a.decide_cell(gi * nb + blk, lambda);
             let mut digits2 = vec![[1u8; ROWS_PER_GROUP]; b];
             let mut s2 = [0f32; ROWS_PER_GROUP];
             for i in 0..n {
@@ -783,6 +908,31 @@ mod tests {
             let err: f64 = w.iter().zip(&wd).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
             assert!(err <= last * 1.0001, "error grew with more bits: {err} > {last} at {bits}");
             last = err;
+        }
+    }
+
+    #[test]
+    fn price_search_finds_the_smallest_fitting_price() {
+        // 16,384 cells at B = 32 (the sampled bracket, `bracket_near`) and 48 (the full one).
+        let mut rng = Rng(11);
+        for (n, k) in [(320, 8192), (12, 500)] {
+            let w: Vec<f32> = (0..n * k).map(|_| rng.normal().powi(3)).collect();
+            let a = Analysis::new(&w, n, k, None, &QuantConfig::new(3.0, 32)).unwrap();
+            assert_eq!(a.bracket_near(2.5 * (n * k) as f64).is_some(), n == 320);
+            for bits in [2.2, 2.5, 3.0, 3.6, 4.5] {
+                let budget = bits * (n * k) as f64;
+                if budget < a.min_bits() {
+                    continue;
+                }
+                let lam = a.lambda_for_budget(budget);
+                assert!(a.total_bits(lam) <= budget, "{n}x{k} at {bits}");
+                // Smallest up to the search's relative width: just below it, over budget.
+                assert!(a.total_bits(lam / (1.0 + 1e-6)) > budget, "{n}x{k} at {bits}: {lam} is not the smallest");
+                // Skipping the cells whose bits agree at both ends changes nothing.
+                let ((lo, blo, clo), (hi, bhi, chi)) = a.bracket_full(budget);
+                assert_eq!(a.narrow(budget, (lo, blo, &clo), (hi, bhi, &chi), true),
+                           a.narrow(budget, (lo, blo, &clo), (hi, bhi, &chi), false), "{n}x{k} at {bits}");
+            }
         }
     }
 
