@@ -601,6 +601,22 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
         // Digit of code t, stored negated when the block's scale is negative (same weights).
         let digit = |t: i8, s: f32| (if s < 0.0 { 1 - t } else { t + 1 }) as u8;
         for blk in 0..nb {
+            // The next block's inputs of each row: they lie nb blocks apart, ~20 streams per
+            // group, more than the hardware prefetchers follow.
+            #[cfg(target_arch = "x86_64")]
+            if blk + 1 < nb {
+                for i in 0..n {
+                    let c = (gi * ROWS_PER_GROUP + i) * nb + blk + 1;
+                    let (rec, codes) = a.record(c);
+                    crate::cpu::prefetch_code(rec);
+                    crate::cpu::prefetch_code(codes.as_ptr());
+                    crate::cpu::prefetch_code(&a.stats[c]);
+                    let x = block_slices(w, h, &d, c / nb, blk + 1).0;
+                    for l in (0..x.len()).step_by(16) {
+                        crate::cpu::prefetch_code(&x[l]);
+                    }
+                }
+            }
             let (p2, counts, _) = a.decide_cell(gi * nb + blk, lambda);
             let mut digits2 = vec![[1u8; ROWS_PER_GROUP]; b];
             let mut s2 = [0f32; ROWS_PER_GROUP];
