@@ -348,10 +348,13 @@ impl Fitter {
         let mut perr = 0f64;
         let mut e1 = [f64::INFINITY; NM];
         let mut ci = 0;
+        let mut hint = None;
         for m in 0..=max_m {
             // Best support: the prefix (of the weights left) with the largest (sum h|x|)^2 / sum h,
-            // the first on ties; gains are >= 0, so their bits order like their values.
-            let (top, i) = self.gains_first_max();
+            // the first on ties; gains are >= 0, so their bits order like their values. After a
+            // predator the last best prefix is a close lower bound of the new best (`hint`).
+            let (top, i) = self.gains_first_max(hint);
+            hint = (top != 0).then_some(i);
             let pos = if top == 0 { None } else { Some(i) };
             let (support, ba, bh) = match pos {
                 Some(i) => (i + 1 - self.seq_pos[..self.nseq].iter().filter(|&&q| q as usize <= i).count(), self.pa[i], self.ph[i]),
@@ -400,10 +403,16 @@ impl Fitter {
     /// those taken and where `ph` is 0), and the first largest: (its bits, its position). AVX2
     /// where the entry point found it.
     #[inline(always)]
-    fn gains_first_max(&mut self) -> (u64, usize) {
+    fn gains_first_max(&mut self, hint: Option<usize>) -> (u64, usize) {
         let n = self.n;
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
+            if let Some(h) = hint.filter(|&h| self.live[h] > 0.0 && self.ph[h] > 0.0) {
+                // SAFETY: as below; h < n (a position of the same block).
+                if let Some(r) = unsafe { gains_first_max_from_avx2(&self.pa, &self.ph, &self.live, n, h) } {
+                    return r;
+                }
+            }
             // SAFETY: `avx2` is set only by `detect_simd`, after checking the CPU has AVX2.
             return unsafe { gains_first_max_avx2(&self.pa, &self.ph, &self.live, n) };
         }
@@ -475,7 +484,7 @@ impl Fitter {
         }
         self.live[..n].fill(1.0);
         self.live[n..n8].fill(0.0);
-        let (top, i) = self.gains_first_max();
+        let (top, i) = self.gains_first_max(None);
         let (sup2, best_a, best_h) = if top == 0 { (0, 0.0, 0.0) } else { (i + 1, self.pa[i], self.ph[i]) };
         let keys = &self.keys[..n];
         let s2 = if sup2 > 0 { round_f16(best_a / best_h) } else { 0.0 };
@@ -930,6 +939,44 @@ unsafe fn fit_recorded_avx2(f: &mut Fitter, x: &[f32], h: &[f32], rec: &BlockRec
 #[target_feature(enable = "avx2")]
 unsafe fn fit_avx2(f: &mut Fitter, x: &[f32], h: &[f32], m: usize, planes: usize, cfg: &QuantConfig) -> (f32, f32, f64) {
     f.fit_impl(x, h, m, planes, cfg)
+}
+
+/// `gains_first_max_avx2` where position `h` (live, ph > 0) is known to have a gain close to
+/// the largest: its gain g0 bounds the maximum from below, so only the positions whose gain can
+/// reach g0 need the division. A position is left out when `a^2 < g0 ph (1 - 1e-15)` (both
+/// rounded as computed): then `a^2 / ph` rounds below g0 (the margin exceeds the rounding of the
+/// two products and the quotient, each <= 2^-53 relative), so it cannot be the first largest.
+/// The gains of the rest are the same operations as the full scan's, so the same choice.
+/// `None` where g0 is 0 (every position would be left in).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gains_first_max_from_avx2(pa: &[f64; MAXB], ph: &[f64; MAXB], live: &[f32; MAXB], n: usize, h: usize) -> Option<(u64, usize)> {
+    use std::arch::x86_64::*;
+    let g0 = pa[h] * pa[h] / ph[h];
+    if g0 <= 0.0 {
+        return None;
+    }
+    let zero = _mm256_setzero_pd();
+    let lim = _mm256_set1_pd(g0 * (1.0 - 1e-15));
+    let (mut top, mut pos) = (0u64, 0usize);
+    for c in (0..n).step_by(4) {
+        // c + 4 <= MAXB: c < n <= MAXB and MAXB is a multiple of 4.
+        let a = _mm256_loadu_pd(pa.as_ptr().add(c));
+        let w = _mm256_loadu_pd(ph.as_ptr().add(c));
+        let l = _mm256_cvtps_pd(_mm_loadu_ps(live.as_ptr().add(c)));
+        let ok = _mm256_and_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(w, zero), _mm256_cmp_pd::<_CMP_GT_OQ>(l, zero));
+        let near = _mm256_cmp_pd::<_CMP_GE_OQ>(_mm256_mul_pd(a, a), _mm256_mul_pd(lim, w));
+        let mut bits = _mm256_movemask_pd(_mm256_and_pd(ok, near));
+        while bits != 0 {
+            let p = c + bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            let g = (pa[p] * pa[p] / ph[p]).to_bits();
+            if g > top {
+                (top, pos) = (g, p);
+            }
+        }
+    }
+    Some((top, pos))
 }
 
 /// `Fitter::gains_first_max` with AVX2, 4 positions at a time, the maximum and its position
