@@ -245,6 +245,11 @@ pub struct Fitter {
     t2: [i8; MAXB],
     /// Whether the last `refine` stopped before its iteration limit (no step improved).
     converged: bool,
+    /// Whether every weight of the current block has the same importance (`predators` sets it;
+    /// the predator step then finds the largest error without a scan).
+    uniform_h: bool,
+    /// Tests: always scan (to compare the shortcut of `errors_first_max_uniform` with).
+    full_scans: bool,
     /// Per predator count of the last `predators`: (support threshold position, scale), as
     /// in `BlockRecord`.
     one: [(u16, f32); NM],
@@ -296,6 +301,8 @@ impl Fitter {
             t1: [0; MAXB],
             t2: [0; MAXB],
             converged: false,
+            uniform_h: false,
+            full_scans: false,
             one: [(u16::MAX, 0.0); NM],
             joint: (0.0, 0.0, 0.0, u8::MAX),
             avx2: false,
@@ -312,6 +319,7 @@ impl Fitter {
         let n = x.len();
         assert!(n <= MAXB && h.len() == n, "block of {n} weights; the fitter takes 1..=256");
         self.n = n;
+        self.uniform_h = h.iter().all(|&v| v == h[0]);
         let n8 = (n + 7) & !7;
         self.xs[..n].copy_from_slice(x);
         self.xs[n..n8].fill(0.0);
@@ -429,6 +437,9 @@ impl Fitter {
     #[inline(always)]
     fn errors_first_max(&mut self, last_in: usize, s: f32) -> usize {
         let n = self.n;
+        if self.uniform_h && !self.full_scans {
+            return self.errors_first_max_uniform(last_in, s);
+        }
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
             // SAFETY: `avx2` is set only by `detect_simd`, after checking the CPU has AVX2.
@@ -440,6 +451,48 @@ impl Fitter {
             self.ek[p] = if self.live[p] > 0.0 { e.to_bits() + 1 } else { 0 };
         }
         first_max(&self.ek[..n], |e| *e).1
+    }
+
+    /// `errors_first_max` where every weight of the block has the same importance c (always so
+    /// without importance): the error `(c d) d` grows with |d|, and d = |x| - s inside the support
+    /// does not grow along the list (sorted by |x|), so inside the largest error is at the first
+    /// or the last weight left, outside (`d = |x|`) at the first. Equal errors there: the first
+    /// position wins, and along the list equal errors at the end of the support form one run
+    /// (equal d), which is walked back to its first weight left. Same choice as the scan.
+    #[inline(always)]
+    fn errors_first_max_uniform(&self, last_in: usize, s: f32) -> usize {
+        let n = self.n;
+        let live = |p: usize| self.live[p] > 0.0;
+        let key = |p: usize| {
+            let d = self.l_ax[p] - if p < last_in { s } else { 0.0 };
+            (self.l_h[p] * d * d).to_bits() + 1
+        };
+        let mut best = (0u32, 0usize);
+        let mut consider = |p: usize, k: u32| {
+            if k > best.0 || (k == best.0 && p < best.1) {
+                best = (k, p);
+            }
+        };
+        if let Some(p) = (0..last_in).find(|&p| live(p)) {
+            consider(p, key(p));
+        }
+        if let Some(mut p) = (0..last_in).rev().find(|&p| live(p)) {
+            let k = key(p);
+            for q in (0..p).rev() {
+                if !live(q) {
+                    continue;
+                }
+                if key(q) != k {
+                    break;
+                }
+                p = q;
+            }
+            consider(p, k);
+        }
+        if let Some(p) = (last_in..n).find(|&p| live(p)) {
+            consider(p, key(p));
+        }
+        best.1
     }
 
     /// Joint two-plane fit of the whole block (no predators; `predators` must have run on the
@@ -1191,6 +1244,36 @@ unsafe fn assign_avx2(xs: &[f32], hm: &[f32], mk: &[f32], nu: &mut [f32], nv: &m
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uniform_importance_shortcut_matches_the_scan() {
+        let mut st = 0x2545F4914F6CDD1Du64;
+        let mut next = || {
+            st ^= st << 13;
+            st ^= st >> 7;
+            st ^= st << 17;
+            st
+        };
+        let cfg = QuantConfig::new(3.0, 64);
+        let (mut f, mut g) = (Fitter::new(), Fitter::new());
+        g.full_scans = true;
+        for trial in 0..3000 {
+            let n = [64, 1, 2, 5, 9, 31, 32, 33, 100, 256][trial % 10];
+            // Few distinct magnitudes (runs of equal |x| and equal errors), or heavy tails.
+            let x: Vec<f32> = (0..n).map(|_| {
+                let r = next();
+                let v = if trial % 3 == 0 { ((r % 7) as f32 - 3.0) * 0.5 } else { ((r >> 11) as f64 / (1u64 << 53) as f64 - 0.5).powi(3) as f32 * 40.0 };
+                if r & 1 == 0 { v } else { -v }
+            }).collect();
+            let c = [1.0f32, 0.0, 3.7, 1e-6][trial % 4];
+            let h = vec![c; n];
+            assert_eq!(f.block_stats(&x, &h, &cfg), g.block_stats(&x, &h, &cfg), "trial {trial}");
+            let mut ca = vec![0u8; n.div_ceil(2)];
+            let mut cb = vec![0u8; n.div_ceil(2)];
+            assert_eq!(f.record(&mut ca), g.record(&mut cb), "trial {trial}");
+            assert_eq!(ca, cb, "trial {trial}");
+        }
+    }
 
     #[test]
     fn f16_conversions_match_the_half_crate() {
