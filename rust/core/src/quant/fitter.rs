@@ -331,22 +331,22 @@ impl Fitter {
         } else {
             sort_desc(&mut self.keys[..n], &mut self.keys2[..n]);
         }
+        self.nseq = 0;
+        // The block in sorted order, and its prefix sums; a predator taken out at position j is
+        // subtracted from every later prefix (no serial rescan), and its own prefix is masked
+        // out. (`energy` in the same loop, in index order as it sums: three independent chains,
+        // whose add latency the gathers of the same loop fill.)
+        let (mut a, mut hs, mut total) = (0f64, 0f64, 0f64);
         for p in 0..n {
             let k = key_index(self.keys[p]);
             let ax = x[k].abs();
             self.order[p] = k as u8;
             self.l_ax[p] = ax;
             self.l_h[p] = h[k];
-            self.l_hax[p] = h[k] as f64 * ax as f64;
-        }
-        self.nseq = 0;
-        // Prefix sums of the sorted list; a predator taken out at position j is subtracted
-        // from every later prefix (no serial rescan), and its own prefix is masked out.
-        // (`energy` in the same loop, in index order as it sums: three independent chains.)
-        let (mut a, mut hs, mut total) = (0f64, 0f64, 0f64);
-        for p in 0..n {
-            a += self.l_hax[p];
-            hs += self.l_h[p] as f64;
+            let hax = h[k] as f64 * ax as f64;
+            self.l_hax[p] = hax;
+            a += hax;
+            hs += h[k] as f64;
             self.pa[p] = a;
             self.ph[p] = hs;
             self.live[p] = 1.0;
@@ -522,16 +522,16 @@ impl Fitter {
             self.order_residual(x, sup, s1);
         }
         // Exact ternary of the residual (the list arrays are free again: reuse them).
+        // Its prefix sums (in the gathering loop), then the gain scan of `predators` with every
+        // weight live.
+        let (mut a, mut hs) = (0f64, 0f64);
         for (p, &kk) in self.keys[..n].iter().enumerate() {
             let k = key_index(kk);
             self.l_h[p] = h[k];
-            self.l_hax[p] = h[k] as f64 * self.resid[k].abs() as f64;
-        }
-        // Its prefix sums, then the gain scan of `predators` with every weight live.
-        let (mut a, mut hs) = (0f64, 0f64);
-        for p in 0..n {
-            a += self.l_hax[p];
-            hs += self.l_h[p] as f64;
+            let hax = h[k] as f64 * self.resid[k].abs() as f64;
+            self.l_hax[p] = hax;
+            a += hax;
+            hs += h[k] as f64;
             self.pa[p] = a;
             self.ph[p] = hs;
         }
