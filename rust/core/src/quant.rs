@@ -18,7 +18,7 @@
 //!   multiplier (error removed per bit) is searched so the whole matrix lands at or under the
 //!   budget; each cell then takes the choice that is best at that price.
 
-use crate::format::{pack_digits, row_scale_for, scale_code, Dims, FormatError, PackedMatrix, ROWS_PER_GROUP, ZERO_CODE_BYTE};
+use crate::format::{row_scale_for, scale_code, Dims, FormatError, PackedMatrix, ROWS_PER_GROUP, ZERO_CODE_BYTE};
 use half::f16;
 use rayon::prelude::*;
 
@@ -593,13 +593,19 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
     let groups: Vec<GroupOut> = (0..g).into_par_iter().map(|gi| {
         let mut f = Fitter::new();
         let n = (rows - gi * ROWS_PER_GROUP).min(ROWS_PER_GROUP);
+        // Code bytes start at all digits 1 (t = 0, also for padding rows and columns); row i's
+        // code t adds t 3^i (FORMAT.md: b = sum_i (t_i + 1) 3^i), negated when the block's scale
+        // is negative (the same weights).
         let mut out = GroupOut { codes: vec![ZERO_CODE_BYTE; kp], scales: vec![], p2: vec![], preds: vec![vec![]; n] };
-        let mut digits1 = vec![[1u8; ROWS_PER_GROUP]; kp];
+        let add_row = |bytes: &mut [u8], t: &[i8], i: usize, s: f32| {
+            let step = if s < 0.0 { (3u8.pow(i as u32)).wrapping_neg() } else { 3u8.pow(i as u32) };
+            for (b, &t) in bytes.iter_mut().zip(t) {
+                *b = b.wrapping_add((t as u8).wrapping_mul(step));
+            }
+        };
         // Float scales first; they become 8-bit codes under each row's scale once the row is done.
         let mut s1 = vec![vec![0f32; nb]; n];
-        let mut p2f: Vec<(u16, [f32; ROWS_PER_GROUP], Vec<[u8; ROWS_PER_GROUP]>)> = vec![];
-        // Digit of code t, stored negated when the block's scale is negative (same weights).
-        let digit = |t: i8, s: f32| (if s < 0.0 { 1 - t } else { t + 1 }) as u8;
+        let mut p2f: Vec<(u16, [f32; ROWS_PER_GROUP], Vec<u8>)> = vec![];
         for blk in 0..nb {
             // The next block's inputs of each row: they lie nb blocks apart, ~20 streams per
             // group, more than the hardware prefetchers follow.
@@ -618,7 +624,7 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
                 }
             }
             let (p2, counts, _) = a.decide_cell(gi * nb + blk, lambda);
-            let mut digits2 = vec![[1u8; ROWS_PER_GROUP]; b];
+            let mut bytes2 = if p2 { vec![ZERO_CODE_BYTE; b] } else { vec![] };
             let mut s2 = [0f32; ROWS_PER_GROUP];
             for i in 0..n {
                 let r = gi * ROWS_PER_GROUP + i;
@@ -627,14 +633,10 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
                 let (fs1, fs2) = f.fit_recorded(x, hh, rec, codes, PREDATOR_COUNTS[counts[i] as usize], if p2 { 2 } else { 1 }, cfg);
                 s1[i][blk] = fs1;
                 let (t1, t2) = f.codes();
-                for (kk, &t) in t1.iter().enumerate() {
-                    digits1[blk * b + kk][i] = digit(t, fs1);
-                }
+                add_row(&mut out.codes[blk * b..], t1, i, fs1);
                 if p2 {
                     s2[i] = fs2;
-                    for (kk, &t) in t2.iter().enumerate() {
-                        digits2[kk][i] = digit(t, fs2);
-                    }
+                    add_row(&mut bytes2, t2, i, fs2);
                 }
                 let mut pk: Vec<u8> = f.predator_positions().to_vec();
                 pk.sort_unstable();
@@ -643,7 +645,7 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
                 }
             }
             if p2 {
-                p2f.push((blk as u16, s2, digits2));
+                p2f.push((blk as u16, s2, bytes2));
             }
         }
         for (i, row) in s1.iter().enumerate() {
@@ -651,11 +653,10 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
             let u = row_scale_for(row.iter().fold(m2, |m, v| m.max(v.abs())));
             out.scales.push((gi * ROWS_PER_GROUP + i, row.iter().map(|v| scale_code(v.abs(), u)).collect(), u));
         }
-        for (blk, s2, digits2) in p2f {
+        for (blk, s2, bytes2) in p2f {
             let q = core::array::from_fn(|i| if i < n { scale_code(s2[i].abs(), out.scales[i].2) } else { 0 });
-            out.p2.push((blk, q, digits2.iter().map(|dg| pack_digits(*dg)).collect()));
+            out.p2.push((blk, q, bytes2));
         }
-        out.codes = digits1.iter().map(|dg| pack_digits(*dg)).collect();
         out
     }).collect();
     // 4. Assemble the arrays.
