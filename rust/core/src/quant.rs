@@ -582,21 +582,25 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
     let h = importance_or_ones(importance, cols);
     let h: &[f32] = &h;
     // 3. Encode each group with the chosen options.
+    // The plane-1 codes, scales and row scales go straight into the matrix's arrays (each group
+    // has its own part); plane 2 and the predators, whose sizes the choices decide, are
+    // gathered per group and assembled after.
     struct GroupOut {
-        codes: Vec<u8>,
-        /// (row, 8-bit codes of its nb plane-1 scales, row scale)
-        scales: Vec<(usize, Vec<u8>, f16)>,
         p2: Vec<(u16, [u8; ROWS_PER_GROUP], Vec<u8>)>,
         preds: Vec<Vec<(u32, f16)>>,
     }
     let kp = d.padded_cols;
-    let groups: Vec<GroupOut> = (0..g).into_par_iter().map(|gi| {
+    // Code bytes start at all digits 1 (t = 0, also for padding rows and columns); row i's code
+    // t adds t 3^i (FORMAT.md: b = sum_i (t_i + 1) 3^i), negated when the block's scale is
+    // negative (the same weights).
+    let mut codes = vec![ZERO_CODE_BYTE; g * kp];
+    let mut scales = vec![0u8; rows * nb];
+    let mut row_scales = vec![f16::ZERO; rows];
+    let parts = codes.par_chunks_mut(kp).zip(scales.par_chunks_mut(ROWS_PER_GROUP * nb)).zip(row_scales.par_chunks_mut(ROWS_PER_GROUP));
+    let groups: Vec<GroupOut> = parts.enumerate().map(|(gi, ((codes_g, scales_g), row_scales_g))| {
         let mut f = Fitter::new();
         let n = (rows - gi * ROWS_PER_GROUP).min(ROWS_PER_GROUP);
-        // Code bytes start at all digits 1 (t = 0, also for padding rows and columns); row i's
-        // code t adds t 3^i (FORMAT.md: b = sum_i (t_i + 1) 3^i), negated when the block's scale
-        // is negative (the same weights).
-        let mut out = GroupOut { codes: vec![ZERO_CODE_BYTE; kp], scales: vec![], p2: vec![], preds: vec![vec![]; n] };
+        let mut out = GroupOut { p2: vec![], preds: vec![vec![]; n] };
         let add_row = |bytes: &mut [u8], t: &[i8], i: usize, s: f32| {
             let step = if s < 0.0 { (3u8.pow(i as u32)).wrapping_neg() } else { 3u8.pow(i as u32) };
             for (b, &t) in bytes.iter_mut().zip(t) {
@@ -633,7 +637,7 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
                 let (fs1, fs2) = f.fit_recorded(x, hh, rec, codes, PREDATOR_COUNTS[counts[i] as usize], if p2 { 2 } else { 1 }, cfg);
                 s1[i][blk] = fs1;
                 let (t1, t2) = f.codes();
-                add_row(&mut out.codes[blk * b..], t1, i, fs1);
+                add_row(&mut codes_g[blk * b..], t1, i, fs1);
                 if p2 {
                     s2[i] = fs2;
                     add_row(&mut bytes2, t2, i, fs2);
@@ -651,10 +655,13 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
         for (i, row) in s1.iter().enumerate() {
             let m2 = p2f.iter().fold(0f32, |m, e| m.max(e.1[i].abs()));
             let u = row_scale_for(row.iter().fold(m2, |m, v| m.max(v.abs())));
-            out.scales.push((gi * ROWS_PER_GROUP + i, row.iter().map(|v| scale_code(v.abs(), u)).collect(), u));
+            for (q, v) in scales_g[i * nb..(i + 1) * nb].iter_mut().zip(row) {
+                *q = scale_code(v.abs(), u);
+            }
+            row_scales_g[i] = u;
         }
         for (blk, s2, bytes2) in p2f {
-            let q = core::array::from_fn(|i| if i < n { scale_code(s2[i].abs(), out.scales[i].2) } else { 0 });
+            let q = core::array::from_fn(|i| if i < n { scale_code(s2[i].abs(), row_scales_g[i]) } else { 0 });
             out.p2.push((blk, q, bytes2));
         }
         out
@@ -664,9 +671,9 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
         rows,
         cols,
         block_size: b,
-        codes: Vec::with_capacity(g * kp),
-        scales: vec![0; rows * nb],
-        row_scales: vec![f16::ZERO; rows],
+        codes,
+        scales,
+        row_scales,
         p2_ptr: vec![0],
         p2_block: vec![],
         p2_scales: vec![],
@@ -676,11 +683,6 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
         out_vals: vec![],
     };
     for go in groups {
-        p.codes.extend_from_slice(&go.codes);
-        for (r, q, u) in go.scales {
-            p.scales[r * nb..(r + 1) * nb].copy_from_slice(&q);
-            p.row_scales[r] = u;
-        }
         for (blk, s2, codes) in go.p2 {
             p.p2_block.push(blk);
             p.p2_scales.extend_from_slice(&s2);
