@@ -75,6 +75,24 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
     }
 }
 
+/// f32 -> FP16 -> f32 by F16C (to nearest even, as `f32_to_f16`). Callers must check F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "f16c")]
+unsafe fn f16c_round(x: f32) -> f32 {
+    use std::arch::x86_64::*;
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(x))))
+}
+
+/// FP16 bits -> f32 by F16C. Callers must check F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "f16c")]
+unsafe fn f16c_to_f32(h: u16) -> f32 {
+    use std::arch::x86_64::*;
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+}
+
 /// What `Fitter::block_stats` learnt about one block that `Fitter::fit_recorded` needs to
 /// encode it with any option without redoing the work (`Analysis` keeps one per block, with
 /// the joint fit's codes beside it, `B / 2` bytes: digit `(u + 1) + 3 (v + 1)` per nibble).
@@ -369,7 +387,7 @@ impl Fitter {
                 Some(i) => (i + 1 - self.seq_pos[..self.nseq].iter().filter(|&&q| q as usize <= i).count(), self.pa[i], self.ph[i]),
                 None => (0, 0.0, 0.0),
             };
-            let s = if support > 0 { round_f16(ba / bh) } else { 0.0 };
+            let s = if support > 0 { self.round16(ba / bh) } else { 0.0 };
             // sum_S h (|x| - s)^2 + sum_notS h x^2, expanded; exact for the rounded s.
             let err = (total - 2.0 * s as f64 * ba + (s as f64) * (s as f64) * bh).max(0.0);
             if m == 0 {
@@ -393,7 +411,7 @@ impl Fitter {
             let k = self.order[j] as usize;
             let (axj, hj) = (self.l_ax[j], self.l_h[j]);
             total -= hj as f64 * (axj as f64) * (axj as f64);
-            let d = x[k] as f64 - f16_to_f32(f32_to_f16(x[k])) as f64;
+            let d = x[k] as f64 - self.round16(x[k] as f64) as f64;
             perr += hj as f64 * d * d;
             self.seq[self.nseq] = k as u8;
             self.seq_pos[self.nseq] = j as u8;
@@ -541,7 +559,7 @@ impl Fitter {
         let (top, i) = self.gains_first_max(None);
         let (sup2, best_a, best_h) = if top == 0 { (0, 0.0, 0.0) } else { (i + 1, self.pa[i], self.ph[i]) };
         let keys = &self.keys[..n];
-        let s2 = if sup2 > 0 { round_f16(best_a / best_h) } else { 0.0 };
+        let s2 = if sup2 > 0 { self.round16(best_a / best_h) } else { 0.0 };
         for &kk in &keys[..sup2] {
             let k = key_index(kk);
             self.v[k] = sign(self.resid[k]);
@@ -611,8 +629,8 @@ impl Fitter {
                 self.converged = true;
                 break;
             }
-            let a = round_f16((r1 * s22 - r2 * s12) / det);
-            let b = round_f16((r2 * s11 - r1 * s12) / det);
+            let a = self.round16((r1 * s22 - r2 * s12) / det);
+            let b = self.round16((r2 * s11 - r1 * s12) / det);
             // The 9 levels a*u + b*v in ascending order, their midpoints, and the code steps
             // between neighbours: the code of x is the first level's plus the steps of every
             // midpoint below x (the midpoints ascend, so those are a prefix).
@@ -695,11 +713,34 @@ impl Fitter {
         eacc
     }
 
+    /// `round_f16` (v -> f32 -> FP16 -> f32), by F16C where the entry point found AVX2 (whose
+    /// builds enable F16C, so it inlines), else in integer code: the same result.
+    #[inline(always)]
+    fn round16(&self, v: f64) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: `avx2` is set only by `detect_simd`, after checking the CPU has F16C.
+            return unsafe { f16c_round(v as f32) };
+        }
+        round_f16(v)
+    }
+
+    /// FP16 bits -> f32, as `round16` chooses.
+    #[inline(always)]
+    fn from16(&self, h: u16) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: as in `round16`.
+            return unsafe { f16c_to_f32(h) };
+        }
+        f16_to_f32(h)
+    }
+
     /// Sets the SIMD flags from the CPU; whether it has AVX2 (the entry points then run their
     /// AVX2 builds).
     #[cfg(target_arch = "x86_64")]
     fn detect_simd(&mut self) -> bool {
-        self.avx2 = std::is_x86_feature_detected!("avx2");
+        self.avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c");
         self.avx512 = self.avx2 && std::is_x86_feature_detected!("avx512f");
         self.avx2
     }
@@ -776,7 +817,7 @@ impl Fitter {
                     let k = self.seq[m] as usize;
                     let d = x[k] as f64 - a as f64 * self.u[k] as f64 - b as f64 * self.v[k] as f64;
                     removed += h[k] as f64 * d * d;
-                    let dp = x[k] as f64 - f16_to_f32(f32_to_f16(x[k])) as f64;
+                    let dp = x[k] as f64 - self.round16(x[k] as f64) as f64;
                     perr += h[k] as f64 * dp * dp;
                     m += 1;
                 }
@@ -830,7 +871,7 @@ impl Fitter {
         };
         let perr: f64 = self.seq[..self.nseq].iter().map(|&k| {
             let k = k as usize;
-            let d = x[k] as f64 - f16_to_f32(f32_to_f16(x[k])) as f64;
+            let d = x[k] as f64 - self.round16(x[k] as f64) as f64;
             h[k] as f64 * d * d
         }).sum();
         (s1, s2, err + perr)
@@ -851,8 +892,11 @@ impl Fitter {
             // Digits over whole chunks of 8 (vectorises), 0 past the block.
             let n8 = (n + 7) & !7;
             let mut dg = [0u8; MAXB];
+            // (c + 1 of a code c in -1, 0, 1 by compares: a float-to-int cast saturates and
+            // does not vectorise well.)
+            let c1 = |c: f32| (c > 0.0) as u8 + (c >= 0.0) as u8;
             for ((d, &u), &v) in dg[..n8].iter_mut().zip(&self.u[..n8]).zip(&self.v[..n8]) {
-                *d = ((u + 1.0) + 3.0 * (v + 1.0)) as u8;
+                *d = c1(u) + 3 * c1(v);
             }
             dg[n..n8].fill(0);
             for (c, pair) in codes[..n.div_ceil(2)].iter_mut().zip(dg.chunks_exact(2)) {
@@ -905,7 +949,7 @@ impl Fitter {
             self.v[n..n8].fill(0.0);
             self.joint_masks(h);
             // `two_planes(x, h, cfg.joint_iters)` as the record's shorter one continued.
-            let (mut a, mut b, mut e) = (f16_to_f32(rec.a), f16_to_f32(rec.b), rec.e);
+            let (mut a, mut b, mut e) = (self.from16(rec.a), self.from16(rec.b), rec.e);
             self.converged = rec.converged;
             let more = cfg.joint_iters.saturating_sub(rec.joint_iters as usize);
             if !rec.converged && more > 0 {
@@ -924,7 +968,7 @@ impl Fitter {
         } else {
             let ci = ci.unwrap_or(0);
             self.one_plane_codes(x, rec.thr[ci], &rec.seq[..m]);
-            (f16_to_f32(rec.s[ci]), 0.0)
+            (self.from16(rec.s[ci]), 0.0)
         }
     }
 
@@ -981,14 +1025,14 @@ impl Fitter {
 /// `Fitter::block_stats_impl` compiled with AVX2 (8-lane compares, adds and conversions in the
 /// refinement and error scans). Callers must check that the CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,f16c")]
 unsafe fn block_stats_avx2(f: &mut Fitter, x: &[f32], h: &[f32], cfg: &QuantConfig) -> [[f32; NM]; 2] {
     f.block_stats_impl(x, h, cfg)
 }
 
 /// `Fitter::fit_recorded_impl` compiled with AVX2. Callers must check that the CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn fit_recorded_avx2(f: &mut Fitter, x: &[f32], h: &[f32], rec: &BlockRecord, codes: &[u8], m: usize, planes: usize, cfg: &QuantConfig) -> (f32, f32) {
     f.fit_recorded_impl(x, h, rec, codes, m, planes, cfg)
@@ -996,7 +1040,7 @@ unsafe fn fit_recorded_avx2(f: &mut Fitter, x: &[f32], h: &[f32], rec: &BlockRec
 
 /// `Fitter::fit_impl` compiled with AVX2. Callers must check that the CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,f16c")]
 unsafe fn fit_avx2(f: &mut Fitter, x: &[f32], h: &[f32], m: usize, planes: usize, cfg: &QuantConfig) -> (f32, f32, f64) {
     f.fit_impl(x, h, m, planes, cfg)
 }
