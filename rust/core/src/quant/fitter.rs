@@ -1208,7 +1208,6 @@ unsafe fn bitonic_sort_avx512(keys: &mut [u64]) {
     buf[..n].copy_from_slice(keys);
     // SAFETY: buf holds 64 keys: 8 loads of 8.
     let mut v: [__m512i; 8] = std::array::from_fn(|r| unsafe { _mm512_loadu_si512(buf.as_ptr().add(8 * r) as *const _) });
-    let lanes = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
     for (st, &(k, j)) in BITONIC.iter().enumerate() {
         if j >= 8 {
             let d = j / 8;
@@ -1220,11 +1219,16 @@ unsafe fn bitonic_sort_avx512(keys: &mut [u64]) {
                 }
             }
         } else {
-            let idx = _mm512_xor_si512(lanes, _mm512_set1_epi64(j as i64));
             for r in 0..8 {
-                let p = _mm512_permutexvar_epi64(idx, v[r]);
-                let (lo, hi) = (_mm512_min_epu64(v[r], p), _mm512_max_epu64(v[r], p));
-                v[r] = _mm512_mask_blend_epi64(BITONIC_MASKS[st][r], lo, hi);
+                // The partner lane L ^ j by an immediate shuffle (j = 1: qwords in 128-bit
+                // lanes; 2: 128-bit halves of 256; 4: 256-bit halves), then the smaller key,
+                // and the larger where the mask says so (one masked max instead of max + blend).
+                let p = match j {
+                    1 => _mm512_shuffle_epi32::<0x4E>(v[r]),
+                    2 => _mm512_permutex_epi64::<0x4E>(v[r]),
+                    _ => _mm512_shuffle_i64x2::<0x4E>(v[r], v[r]),
+                };
+                v[r] = _mm512_mask_max_epu64(_mm512_min_epu64(v[r], p), BITONIC_MASKS[st][r], v[r], p);
             }
         }
     }
