@@ -196,8 +196,10 @@ fn first_max<T, K: Copy + Ord + Default>(v: &[T], key: impl Fn(&T) -> K) -> (K, 
 /// Weighted least-squares sums of the joint fit, [s11, s12, s22, r1, r2], over whole chunks of
 /// 8 (the arrays are zero-padded), in 8 lanes.
 #[inline(always)]
-fn ls_sums(x: &[f32], hm: &[f32], u: &[f32], v: &[f32]) -> [f64; 5] {
+fn ls_sums(x: &[f32], hm: &[f32], u: &[f32], v: &[f32], fit: Option<(f32, f32)>) -> ([f64; 5], f64) {
     let mut acc = [[0f64; 8]; 5];
+    let mut err = [0f64; 8];
+    let (a0, b0) = fit.unwrap_or((0.0, 0.0));
     for (((xc, hc), uc), vc) in x.chunks_exact(8).zip(hm.chunks_exact(8)).zip(u.chunks_exact(8)).zip(v.chunks_exact(8)) {
         for l in 0..8 {
             let (uu, vv, w) = (uc[l] as f64, vc[l] as f64, hc[l] as f64);
@@ -207,9 +209,13 @@ fn ls_sums(x: &[f32], hm: &[f32], u: &[f32], v: &[f32]) -> [f64; 5] {
             acc[2][l] += w * vv * vv;
             acc[3][l] += uu * wx;
             acc[4][l] += vv * wx;
+            if fit.is_some() {
+                let d = xc[l] as f64 - a0 as f64 * uu - b0 as f64 * vv;
+                err[l] += w * d * d;
+            }
         }
     }
-    acc.map(lanes8)
+    (acc.map(lanes8), lanes8(err))
 }
 
 #[inline(always)]
@@ -609,18 +615,9 @@ impl Fitter {
     fn refine_from(&mut self, a0: f32, b0: f32, e0: Option<f64>, iters: usize) -> (f32, f32, f64) {
         let n8 = (self.n + 7) & !7;
         let (mut ba, mut bb) = (a0, b0);
-        let mut best = if let Some(e) = e0 { e } else {
-            let mut acc = [0f64; 8];
-            for (((xc, hc), uc), vc) in self.xs[..n8].chunks_exact(8).zip(self.hm[..n8].chunks_exact(8))
-                .zip(self.u[..n8].chunks_exact(8)).zip(self.v[..n8].chunks_exact(8)) {
-                for l in 0..8 {
-                    let d = xc[l] as f64 - a0 as f64 * uc[l] as f64 - b0 as f64 * vc[l] as f64;
-                    acc[l] += hc[l] as f64 * d * d;
-                }
-            }
-            lanes8(acc)
-        };
-        let mut sums = ls_sums(&self.xs[..n8], &self.hm[..n8], &self.u[..n8], &self.v[..n8]);
+        // The least-squares sums, and the error of (a0, b0) unless given, in one pass.
+        let (mut sums, err) = ls_sums(&self.xs[..n8], &self.hm[..n8], &self.u[..n8], &self.v[..n8], e0.is_none().then_some((a0, b0)));
+        let mut best = e0.unwrap_or(err);
         self.converged = false;
         for _ in 0..iters {
             let [s11, s12, s22, r1, r2] = sums;
@@ -667,7 +664,7 @@ impl Fitter {
                 // Only the block's part (swapping the whole arrays would move 4 KiB).
                 self.u[..n8].swap_with_slice(&mut self.nu[..n8]);
                 self.v[..n8].swap_with_slice(&mut self.nv[..n8]);
-                sums = next.unwrap_or_else(|| ls_sums(&self.xs[..n8], &self.hm[..n8], &self.u[..n8], &self.v[..n8]));
+                sums = next.unwrap_or_else(|| ls_sums(&self.xs[..n8], &self.hm[..n8], &self.u[..n8], &self.v[..n8], None).0);
             } else {
                 self.converged = true;
                 break;
