@@ -304,8 +304,7 @@ impl Analysis {
             .for_each_init(Fitter::new, |f, (r, ((out, rec), codes))| {
                 for (blk, (o, rc)) in out.iter_mut().zip(rec.iter_mut()).enumerate() {
                     let (x, hh) = block_slices(w, h, &d, r, blk);
-                    *o = f.block_stats(x, hh, cfg);
-                    *rc = f.record(&mut codes[blk * cb..(blk + 1) * cb]);
+                    (*o, *rc) = f.block_stats_record(x, hh, cfg, &mut codes[blk * cb..(blk + 1) * cb]);
                 }
             });
         Ok(Analysis { dims: d, stats, records, joint_codes, allow_plane2: cfg.allow_plane2 })

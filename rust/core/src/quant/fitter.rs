@@ -84,6 +84,15 @@ unsafe fn f16c_round(x: f32) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(x))))
 }
 
+/// f32 -> FP16 bits by F16C (to nearest even). Callers must check F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "f16c")]
+unsafe fn f16c_from_f32(x: f32) -> u16 {
+    use std::arch::x86_64::*;
+    _mm_extract_epi16::<0>(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(x))) as u16
+}
+
 /// FP16 bits -> f32 by F16C. Callers must check F16C.
 #[cfg(target_arch = "x86_64")]
 #[inline]
@@ -722,6 +731,17 @@ impl Fitter {
         round_f16(v)
     }
 
+    /// f32 -> FP16 bits, as `round16` chooses.
+    #[inline(always)]
+    fn to16(&self, v: f32) -> u16 {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: as in `round16`.
+            return unsafe { f16c_from_f32(v) };
+        }
+        f32_to_f16(v)
+    }
+
     /// FP16 bits -> f32, as `round16` chooses.
     #[inline(always)]
     fn from16(&self, h: u16) -> f32 {
@@ -780,6 +800,19 @@ impl Fitter {
             return unsafe { block_stats_avx2(self, x, h, cfg) };
         }
         self.block_stats_scalar(x, h, cfg)
+    }
+
+    /// `block_stats`, then `record` (in the same build, so the record's FP16 conversions use
+    /// F16C where the CPU has it).
+    pub(crate) fn block_stats_record(&mut self, x: &[f32], h: &[f32], cfg: &QuantConfig, codes: &mut [u8]) -> ([[f32; NM]; 2], BlockRecord) {
+        #[cfg(target_arch = "x86_64")]
+        if self.detect_simd() {
+            // SAFETY: the CPU has AVX2 and F16C (checked just above), all `block_stats_record_avx2` requires.
+            return unsafe { block_stats_record_avx2(self, x, h, cfg, codes) };
+        }
+        (self.avx2, self.avx512) = (false, false);
+        let st = self.block_stats_impl(x, h, cfg);
+        (st, self.record(codes))
     }
 
     /// `block_stats` compiled for the baseline CPU (the reference of the AVX2 build; both
@@ -876,15 +909,16 @@ impl Fitter {
 
     /// The record of the last `block_stats` on `x` (see `BlockRecord`); the joint fit's codes
     /// go to `codes` (`x.len().div_ceil(2)` bytes).
+    #[inline(always)]
     pub(crate) fn record(&self, codes: &mut [u8]) -> BlockRecord {
         let n = self.n;
         let mut r = BlockRecord { seq: self.seq, nseq: self.nseq as u8, ..Default::default() };
         for ci in 0..NM {
             r.thr[ci] = self.one[ci].0;
-            r.s[ci] = f32_to_f16(self.one[ci].1);
+            r.s[ci] = self.to16(self.one[ci].1);
         }
         let (a, b, e, it) = self.joint;
-        (r.a, r.b, r.e, r.joint_iters, r.converged) = (f32_to_f16(a), f32_to_f16(b), e, it, self.converged);
+        (r.a, r.b, r.e, r.joint_iters, r.converged) = (self.to16(a), self.to16(b), e, it, self.converged);
         if it != u8::MAX {
             // Digits over whole chunks of 8 (vectorises), 0 past the block.
             let n8 = (n + 7) & !7;
@@ -1025,6 +1059,14 @@ impl Fitter {
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn block_stats_avx2(f: &mut Fitter, x: &[f32], h: &[f32], cfg: &QuantConfig) -> [[f32; NM]; 2] {
     f.block_stats_impl(x, h, cfg)
+}
+
+/// `Fitter::block_stats_record` compiled with AVX2 and F16C. Callers must check both.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn block_stats_record_avx2(f: &mut Fitter, x: &[f32], h: &[f32], cfg: &QuantConfig, codes: &mut [u8]) -> ([[f32; NM]; 2], BlockRecord) {
+    let st = f.block_stats_impl(x, h, cfg);
+    (st, f.record(codes))
 }
 
 /// `Fitter::fit_recorded_impl` compiled with AVX2. Callers must check that the CPU has AVX2.
