@@ -28,16 +28,16 @@ pub(crate) const MAXB: usize = 256;
 const MAXP: usize = PREDATOR_COUNTS[NM - 1];
 
 /// `v` rounded to FP16 (through float32, as the FP16 scales have always been rounded on x86:
-/// f64 -> f32 -> f16, each to nearest even), back as f32.
-#[inline(always)]
+/// f64 -> f32 -> f16, each to nearest even), back as f32: what `Fitter::round16` gives, for the
+/// reference fitter of the tests.
+#[cfg(test)]
 pub(super) fn round_f16(v: f64) -> f32 {
     f16_to_f32(f32_to_f16(v as f32))
 }
 
 /// f32 -> FP16 bits, to nearest even (overflow to infinity, NaN to a quiet NaN): what F16C's
-/// `vcvtps2ph` gives, in plain integer code that inlines into the fitter's loops (the `half`
-/// crate's conversion is an out-of-line call behind a CPU check, and the fitter makes ~60 per
-/// block).
+/// `vcvtps2ph` gives, in integer code, the same on every platform (the `half` crate rounds
+/// f64 -> f16 directly where the CPU lacks F16C). The AVX2 builds use F16C (`Fitter::to16`).
 #[inline(always)]
 pub(crate) fn f32_to_f16(x: f32) -> u16 {
     let b = x.to_bits();
@@ -73,15 +73,6 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
         31 => f32::from_bits(sign | 0x7F80_0000 | (m << 13) | if m != 0 { 0x40_0000 } else { 0 }),
         _ => f32::from_bits(sign | ((e + 112) << 23) | (m << 13)),
     }
-}
-
-/// f32 -> FP16 -> f32 by F16C (to nearest even, as `f32_to_f16`). Callers must check F16C.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "f16c")]
-unsafe fn f16c_round(x: f32) -> f32 {
-    use std::arch::x86_64::*;
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(x))))
 }
 
 /// f32 -> FP16 bits by F16C (to nearest even). Callers must check F16C.
@@ -719,42 +710,37 @@ impl Fitter {
         eacc
     }
 
-    /// `round_f16` (v -> f32 -> FP16 -> f32), by F16C where the entry point found AVX2 (whose
-    /// builds enable F16C, so it inlines), else in integer code: the same result.
+    /// `round_f16` (v -> f32 -> FP16 -> f32) by `to16` and `from16`.
     #[inline(always)]
     fn round16(&self, v: f64) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if self.avx2 {
-            // SAFETY: `avx2` is set only by `detect_simd`, after checking the CPU has F16C.
-            return unsafe { f16c_round(v as f32) };
-        }
-        round_f16(v)
+        self.from16(self.to16(v as f32))
     }
 
-    /// f32 -> FP16 bits, as `round16` chooses.
+    /// f32 -> FP16 bits: by F16C where the entry point found AVX2 (whose builds enable F16C,
+    /// so it inlines), else `f32_to_f16`: the same result.
     #[inline(always)]
     fn to16(&self, v: f32) -> u16 {
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
-            // SAFETY: as in `round16`.
+            // SAFETY: `avx2` is set only by `detect_simd`, after checking the CPU has F16C.
             return unsafe { f16c_from_f32(v) };
         }
         f32_to_f16(v)
     }
 
-    /// FP16 bits -> f32, as `round16` chooses.
+    /// FP16 bits -> f32, as `to16` chooses.
     #[inline(always)]
     fn from16(&self, h: u16) -> f32 {
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
-            // SAFETY: as in `round16`.
+            // SAFETY: as in `to16`.
             return unsafe { f16c_to_f32(h) };
         }
         f16_to_f32(h)
     }
 
-    /// Sets the SIMD flags from the CPU; whether it has AVX2 (the entry points then run their
-    /// AVX2 builds).
+    /// Sets the SIMD flags from the CPU; whether it has AVX2 and F16C (the entry points then run
+    /// their AVX2 builds, which use both).
     #[cfg(target_arch = "x86_64")]
     fn detect_simd(&mut self) -> bool {
         self.avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c");
@@ -1233,10 +1219,11 @@ const BITONIC_MASKS: [[u8; 8]; 21] = {
 };
 
 /// `sort_desc` for up to 64 keys with AVX-512: a bitonic network over 8 registers of 8 keys
-/// (padded with 0, below every key): 6 stages between registers (min/max), 15 inside them
-/// (a permute to the partner lane, min/max, a blend), ~530 vector operations against the
-/// ~1100 of counting each key's rank (the method before it: 320 -> 230 ns per 64 keys on Zen 4,
-/// the same order). Callers must check AVX-512 F.
+/// (padded with 0, below every key): 6 stages between registers (min/max), 15 inside them (an
+/// immediate shuffle to the partner lane, a min and a masked max), ~410 vector operations
+/// against the ~1100 of counting each key's rank (the method before it: 320 -> 230 ns per 64
+/// keys on Zen 4, the same order, with a permute, min, max and blend per register inside).
+/// Callers must check AVX-512 F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn bitonic_sort_avx512(keys: &mut [u64]) {
