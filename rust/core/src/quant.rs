@@ -340,7 +340,13 @@ impl Analysis {
     /// Total stored bits (every array) when each cell takes its best choice at price `lambda`
     /// (error removed per bit). Non-increasing in `lambda`.
     pub fn total_bits(&self, lambda: f64) -> f64 {
-        self.min_bits() + crate::cpu::run_in_pool(|| self.cell_bits(lambda).iter().sum::<f64>())
+        crate::cpu::run_in_pool(|| self.priced(lambda).bits)
+    }
+
+    /// What price `lambda` buys: the total bits and each cell's.
+    fn priced(&self, lambda: f64) -> Priced {
+        let cells = self.cell_bits(lambda);
+        Priced { lambda, bits: self.min_bits() + cells.iter().sum::<f64>(), cells }
     }
 
     /// The estimated weighted squared error at price `lambda` (an upper bound of what
@@ -374,7 +380,7 @@ impl Analysis {
         if self.total_bits(0.0) <= budget_bits {
             return 0.0;
         }
-        let ((lo, blo, clo), (hi, bhi, chi)) = match self.bracket_near(budget_bits) {
+        let (lo, hi) = match self.bracket_near(budget_bits) {
             Some(b) => b,
             None => self.bracket_full(budget_bits),
         };
@@ -382,19 +388,18 @@ impl Analysis {
         // between the bracket's ends (a cell's bits do not grow with the price, so the others
         // keep theirs inside). Should rounding ever break that, the full evaluation at the
         // price found tells, and the narrowing is redone without skipping cells.
-        let found = self.narrow(budget_bits, (lo, blo, &clo), (hi, bhi, &chi), true);
+        let found = self.narrow(budget_bits, &lo, &hi, true);
         if self.total_bits(found) <= budget_bits {
             return found;
         }
-        self.narrow(budget_bits, (lo, blo, &clo), (hi, bhi, &chi), false)
+        self.narrow(budget_bits, &lo, &hi, false)
     }
 
     /// A bracket bits(hi) <= budget < bits(lo) close around the price: a rough price from a
     /// sample of the cells (every step-th, its bits scaled up; cheap), then a bracket 2 % either
-    /// side of it, widened (squaring the factor) up to 8 times. Each end with its total and
-    /// per-cell bits; `None` where that does not bracket the budget.
-    #[allow(clippy::type_complexity)]
-    fn bracket_near(&self, budget_bits: f64) -> Option<((f64, f64, Vec<f64>), (f64, f64, Vec<f64>))> {
+    /// side of it, widened (squaring the factor) up to 8 times: (lo, hi), `None` where that
+    /// does not bracket the budget.
+    fn bracket_near(&self, budget_bits: f64) -> Option<(Priced, Priced)> {
         let fixed = self.min_bits();
         let n_cells = self.dims.n_groups * self.dims.n_blocks;
         let step = n_cells / 4096;
@@ -413,78 +418,59 @@ impl Analysis {
             return None;
         }
         let rough = false_position((bottom, fbottom), (top, ftop), 1e-3, estimate);
-        let total = |cells: &[f64]| fixed + cells.iter().sum::<f64>();
         let mut widen = 1.02f64;
-        let (mut hi, mut lo) = (rough * widen, rough / widen);
-        let mut chi = self.cell_bits(hi);
-        let mut bhi = total(&chi);
-        let mut clo = self.cell_bits(lo);
-        let mut blo = total(&clo);
+        let (mut lo, mut hi) = (self.priced(rough / widen), self.priced(rough * widen));
         for _ in 0..8 {
-            if bhi <= budget_bits && blo > budget_bits {
-                return Some(((lo, blo, clo), (hi, bhi, chi)));
+            if hi.bits <= budget_bits && lo.bits > budget_bits {
+                break;
             }
             widen *= widen;
-            if bhi > budget_bits {
-                (lo, blo, clo) = (hi, bhi, chi);
-                hi *= widen;
-                chi = self.cell_bits(hi);
-                bhi = total(&chi);
+            if hi.bits > budget_bits {
+                let next = self.priced(hi.lambda * widen);
+                lo = std::mem::replace(&mut hi, next);
             } else {
-                (hi, bhi, chi) = (lo, blo, clo);
-                lo /= widen;
-                clo = self.cell_bits(lo);
-                blo = total(&clo);
+                let next = self.priced(lo.lambda / widen);
+                hi = std::mem::replace(&mut lo, next);
             }
         }
-        (bhi <= budget_bits && blo > budget_bits).then_some(((lo, blo, clo), (hi, bhi, chi)))
+        (hi.bits <= budget_bits && lo.bits > budget_bits).then_some((lo, hi))
     }
 
     /// A bracket bits(hi) <= budget < bits(lo) over the whole range: hi from the largest
     /// block error up (x4 at a time), lo 1e-12 of it or 0. A budget below the plane-1-only
     /// matrix is unreachable and gets that matrix (callers check the minimum first).
-    #[allow(clippy::type_complexity)]
-    fn bracket_full(&self, budget_bits: f64) -> ((f64, f64, Vec<f64>), (f64, f64, Vec<f64>)) {
-        let total = |cells: &[f64]| self.min_bits() + cells.iter().sum::<f64>();
-        let mut hi = self.max_lambda();
-        let mut chi = self.cell_bits(hi);
-        let mut bhi = total(&chi);
+    fn bracket_full(&self, budget_bits: f64) -> (Priced, Priced) {
+        let mut hi = self.priced(self.max_lambda());
         for _ in 0..200 {
-            if bhi <= budget_bits {
+            if hi.bits <= budget_bits {
                 break;
             }
-            hi *= 4.0;
-            chi = self.cell_bits(hi);
-            bhi = total(&chi);
+            hi = self.priced(hi.lambda * 4.0);
         }
-        let mut lo = hi * 1e-12;
-        let mut clo = self.cell_bits(lo);
-        let mut blo = total(&clo);
-        if blo <= budget_bits {
-            lo = 0.0;
-            clo = self.cell_bits(0.0);
-            blo = total(&clo);
+        let mut lo = self.priced(hi.lambda * 1e-12);
+        if lo.bits <= budget_bits {
+            lo = self.priced(0.0);
         }
-        ((lo, blo, clo), (hi, bhi, chi))
+        (lo, hi)
     }
 
     /// Narrows the bracket bits(hi) <= budget < bits(lo) (or lo = 0) to a relative width of
-    /// 1e-6 and returns its upper end. Each end comes with its total bits and its per-cell bits.
-    /// With `skip`, only the cells whose bits differ between the ends are evaluated inside (the
-    /// rest keep them); the totals are the same where a cell's bits do not grow with the price.
-    fn narrow(&self, budget_bits: f64, (lo, blo, clo): (f64, f64, &[f64]), (hi, bhi, chi): (f64, f64, &[f64]), skip: bool) -> f64 {
+    /// 1e-6 and returns its upper end. With `skip`, only the cells whose bits differ between the
+    /// ends are evaluated inside (the rest keep them); the totals are the same where a cell's
+    /// bits do not grow with the price.
+    fn narrow(&self, budget_bits: f64, lo: &Priced, hi: &Priced, skip: bool) -> f64 {
         // The cells evaluated: (cell, bits at lo, bits at hi); the others' bits, with the fixed
         // part, in `settled`.
         let mut active: Vec<(u32, f64, f64)> = vec![];
         let mut settled = self.min_bits();
-        for (c, (&l, &h)) in clo.iter().zip(chi).enumerate() {
+        for (c, (&l, &h)) in lo.cells.iter().zip(&hi.cells).enumerate() {
             if skip && l == h {
                 settled += h;
             } else {
                 active.push((c as u32, l, h));
             }
         }
-        false_position((lo, blo - budget_bits), (hi, bhi - budget_bits), 1e-6, |mid| {
+        false_position((lo.lambda, lo.bits - budget_bits), (hi.lambda, hi.bits - budget_bits), 1e-6, |mid| {
             let bm: Vec<f64> = active.par_iter().map(|&(c, _, _)| self.decide_cell(c as usize, mid).2).collect();
             let f = settled + bm.iter().sum::<f64>() - budget_bits;
             // The new bracket's cells: those whose bits still differ between its ends.
@@ -501,6 +487,13 @@ impl Analysis {
             f
         })
     }
+}
+
+/// A price (error removed per bit) with what it buys: the total stored bits and each cell's.
+struct Priced {
+    lambda: f64,
+    bits: f64,
+    cells: Vec<f64>,
 }
 
 /// The smallest price (to relative width `rel`) where `f` (bits over budget, non-increasing)
@@ -947,9 +940,8 @@ mod tests {
                 // Smallest up to the search's relative width: just below it, over budget.
                 assert!(a.total_bits(lam / (1.0 + 1e-6)) > budget, "{n}x{k} at {bits}: {lam} is not the smallest");
                 // Skipping the cells whose bits agree at both ends changes nothing.
-                let ((lo, blo, clo), (hi, bhi, chi)) = a.bracket_full(budget);
-                assert_eq!(a.narrow(budget, (lo, blo, &clo), (hi, bhi, &chi), true),
-                           a.narrow(budget, (lo, blo, &clo), (hi, bhi, &chi), false), "{n}x{k} at {bits}");
+                let (lo, hi) = a.bracket_full(budget);
+                assert_eq!(a.narrow(budget, &lo, &hi, true), a.narrow(budget, &lo, &hi, false), "{n}x{k} at {bits}");
             }
         }
     }
