@@ -107,6 +107,17 @@ pub fn pack_digits(c: [u8; 5]) -> u8 {
     c[0] + 3 * c[1] + 9 * c[2] + 27 * c[3] + 81 * c[4]
 }
 
+/// Writes row `i`'s ternary codes `t` into code bytes whose digit `i` is still 1 (t = 0, as in
+/// `ZERO_CODE_BYTE`): adding `t 3^i` makes it `t + 1`. `negate`: the block's scale is negative,
+/// so its codes are stored negated (the same weights).
+#[inline]
+pub fn add_row_codes(bytes: &mut [u8], t: &[i8], i: usize, negate: bool) {
+    let step = if negate { POW3[i].wrapping_neg() } else { POW3[i] };
+    for (b, &t) in bytes.iter_mut().zip(t) {
+        *b = b.wrapping_add((t as u8).wrapping_mul(step));
+    }
+}
+
 /// Errors of the format module: a malformed matrix, an unreadable file, an unknown version.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
@@ -869,10 +880,8 @@ impl PackedMatrix {
                     }
                     let s2 = p.s2[r * nb + blk];
                     m.p2_scales.push(scale_code(s2.abs(), m.row_scales[r]));
-                    for kk in 0..b.min(k - blk * b) {
-                        let t = p.t2[r * k + blk * b + kk];
-                        codes[kk] = (codes[kk] as i16 + sign(s2) * t as i16 * POW3[i] as i16) as u8;
-                    }
+                    let k0 = r * k + blk * b;
+                    add_row_codes(&mut codes, &p.t2[k0..k0 + b.min(k - blk * b)], i, s2 < 0.0);
                 }
                 m.p2_codes.extend_from_slice(&codes);
             }

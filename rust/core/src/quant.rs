@@ -18,7 +18,7 @@
 //!   multiplier (error removed per bit) is searched so the whole matrix lands at or under the
 //!   budget; each cell then takes the choice that is best at that price.
 
-use crate::format::{row_scale_for, scale_code, Dims, FormatError, PackedMatrix, ROWS_PER_GROUP, ZERO_CODE_BYTE};
+use crate::format::{add_row_codes, row_scale_for, scale_code, Dims, FormatError, PackedMatrix, ROWS_PER_GROUP, ZERO_CODE_BYTE};
 use half::f16;
 use rayon::prelude::*;
 
@@ -582,9 +582,8 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
         preds: Vec<Vec<(u32, f16)>>,
     }
     let kp = d.padded_cols;
-    // Code bytes start at all digits 1 (t = 0, also for padding rows and columns); row i's code
-    // t adds t 3^i (FORMAT.md: b = sum_i (t_i + 1) 3^i), negated when the block's scale is
-    // negative (the same weights).
+    // Code bytes start at all digits 1 (t = 0, also for padding rows and columns); each row's
+    // codes go in by `add_row_codes`.
     let mut codes = vec![ZERO_CODE_BYTE; g * kp];
     let mut scales = vec![0u8; rows * nb];
     let mut row_scales = vec![f16::ZERO; rows];
@@ -593,12 +592,6 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
         let mut f = Fitter::new();
         let n = (rows - gi * ROWS_PER_GROUP).min(ROWS_PER_GROUP);
         let mut out = GroupOut { p2: vec![], preds: vec![vec![]; n] };
-        let add_row = |bytes: &mut [u8], t: &[i8], i: usize, s: f32| {
-            let step = if s < 0.0 { (3u8.pow(i as u32)).wrapping_neg() } else { 3u8.pow(i as u32) };
-            for (b, &t) in bytes.iter_mut().zip(t) {
-                *b = b.wrapping_add((t as u8).wrapping_mul(step));
-            }
-        };
         // Float scales first; they become 8-bit codes under each row's scale once the row is done.
         let mut s1 = vec![vec![0f32; nb]; n];
         let mut p2f: Vec<(u16, [f32; ROWS_PER_GROUP], Vec<u8>)> = vec![];
@@ -629,10 +622,10 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
                 let (fs1, fs2) = f.fit_recorded(x, hh, rec, codes, PREDATOR_COUNTS[counts[i] as usize], if p2 { 2 } else { 1 }, cfg);
                 s1[i][blk] = fs1;
                 let (t1, t2) = f.codes();
-                add_row(&mut codes_g[blk * b..], t1, i, fs1);
+                add_row_codes(&mut codes_g[blk * b..], t1, i, fs1 < 0.0);
                 if p2 {
                     s2[i] = fs2;
-                    add_row(&mut bytes2, t2, i, fs2);
+                    add_row_codes(&mut bytes2, t2, i, fs2 < 0.0);
                 }
                 let mut pk: Vec<u8> = f.predator_positions().to_vec();
                 pk.sort_unstable();
