@@ -599,7 +599,12 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
     // has its own part); plane 2 and the predators, whose sizes the choices decide, are
     // gathered per group and assembled after.
     struct GroupOut {
-        p2: Vec<(u16, [u8; ROWS_PER_GROUP], Vec<u8>)>,
+        /// Plane-2 entries: blocks, FP scales per row (codes once the row scales are known),
+        /// then the codes; `B` code bytes each.
+        p2_block: Vec<u16>,
+        p2_scales: Vec<u8>,
+        p2_codes: Vec<u8>,
+        /// Predators per row, in column order.
         preds: Vec<Vec<(u32, f16)>>,
     }
     let kp = d.padded_cols;
@@ -614,10 +619,10 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
         codes_g.fill(ZERO_CODE_BYTE);
         let mut f = Fitter::new();
         let n = (rows - gi * ROWS_PER_GROUP).min(ROWS_PER_GROUP);
-        let mut out = GroupOut { p2: vec![], preds: vec![vec![]; n] };
+        let mut out = GroupOut { p2_block: vec![], p2_scales: vec![], p2_codes: vec![], preds: vec![vec![]; n] };
         // Float scales first; they become 8-bit codes under each row's scale once the row is done.
         let mut s1 = vec![vec![0f32; nb]; n];
-        let mut p2f: Vec<(u16, [f32; ROWS_PER_GROUP], Vec<u8>)> = vec![];
+        let mut s2f: Vec<[f32; ROWS_PER_GROUP]> = vec![];
         for blk in 0..nb {
             // The next block's inputs of each row: they lie nb blocks apart, ~20 streams per
             // group, more than the hardware prefetchers follow.
@@ -636,7 +641,11 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
                 }
             }
             let (p2, counts, _) = a.decide_cell(gi * nb + blk, lambda);
-            let mut bytes2 = if p2 { vec![ZERO_CODE_BYTE; b] } else { vec![] };
+            let at = out.p2_codes.len();
+            if p2 {
+                out.p2_block.push(blk as u16);
+                out.p2_codes.resize(at + b, ZERO_CODE_BYTE);
+            }
             let mut s2 = [0f32; ROWS_PER_GROUP];
             for i in 0..n {
                 let r = gi * ROWS_PER_GROUP + i;
@@ -648,7 +657,7 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
                 add_row_codes(&mut codes_g[blk * b..], t1, i, fs1 < 0.0);
                 if p2 {
                     s2[i] = fs2;
-                    add_row_codes(&mut bytes2, t2, i, fs2 < 0.0);
+                    add_row_codes(&mut out.p2_codes[at..], t2, i, fs2 < 0.0);
                 }
                 let mut pk: Vec<u8> = f.predator_positions().to_vec();
                 pk.sort_unstable();
@@ -657,56 +666,63 @@ fn encode_in_pool(w: &[f32], importance: Option<&[f32]>, a: &Analysis, lambda: f
                 }
             }
             if p2 {
-                p2f.push((blk as u16, s2, bytes2));
+                s2f.push(s2);
             }
         }
         for (i, row) in s1.iter().enumerate() {
-            let m2 = p2f.iter().fold(0f32, |m, e| m.max(e.1[i].abs()));
+            let m2 = s2f.iter().fold(0f32, |m, e| m.max(e[i].abs()));
             let u = row_scale_for(row.iter().fold(m2, |m, v| m.max(v.abs())));
             for (q, v) in scales_g[i * nb..(i + 1) * nb].iter_mut().zip(row) {
                 *q = scale_code(v.abs(), u);
             }
             row_scales_g[i] = u;
         }
-        for (blk, s2, bytes2) in p2f {
-            let q = core::array::from_fn(|i| if i < n { scale_code(s2[i].abs(), row_scales_g[i]) } else { 0 });
-            out.p2.push((blk, q, bytes2));
-        }
+        out.p2_scales = s2f.iter().flat_map(|s2| (0..ROWS_PER_GROUP).map(|i| if i < n { scale_code(s2[i].abs(), row_scales_g[i]) } else { 0 })).collect();
         out
     }).collect();
-    // 4. Assemble the arrays.
-    let mut p = PackedMatrix {
-        rows,
-        cols,
-        block_size: b,
-        codes,
-        scales,
-        row_scales,
-        p2_ptr: vec![0],
-        p2_block: vec![],
-        p2_scales: vec![],
-        p2_codes: vec![],
-        out_ptr: vec![0],
-        out_cols: vec![],
-        out_vals: vec![],
-    };
-    for go in groups {
-        for (blk, s2, codes) in go.p2 {
-            p.p2_block.push(blk);
-            p.p2_scales.extend_from_slice(&s2);
-            p.p2_codes.extend_from_slice(&codes);
-        }
-        p.p2_ptr.push(p.p2_block.len() as u32);
-        for row in go.preds {
-            for (c, v) in row {
-                p.out_cols.push(c);
-                p.out_vals.push(v);
-            }
-            p.out_ptr.push(p.out_vals.len() as u32);
+    // 4. Assemble the arrays: offsets first, then every group copies its part in parallel.
+    let mut p2_ptr = vec![0u32];
+    let mut out_ptr = vec![0u32];
+    for go in &groups {
+        p2_ptr.push(p2_ptr[p2_ptr.len() - 1] + go.p2_block.len() as u32);
+        for row in &go.preds {
+            out_ptr.push(out_ptr[out_ptr.len() - 1] + row.len() as u32);
         }
     }
+    let (e, m) = (p2_ptr[g] as usize, out_ptr[rows] as usize);
+    let mut p2_block = vec![0u16; e];
+    let mut p2_scales = vec![0u8; e * ROWS_PER_GROUP];
+    let mut p2_codes = vec![0u8; e * b];
+    let mut out_cols = vec![0u32; m];
+    let mut out_vals = vec![f16::ZERO; m];
+    let ne: Vec<usize> = groups.iter().map(|go| go.p2_block.len()).collect();
+    let np: Vec<usize> = groups.iter().map(|go| go.preds.iter().map(Vec::len).sum()).collect();
+    let dst = split_sizes(&mut p2_block, ne.iter().copied())
+        .into_par_iter()
+        .zip(split_sizes(&mut p2_scales, ne.iter().map(|n| n * ROWS_PER_GROUP)))
+        .zip(split_sizes(&mut p2_codes, ne.iter().map(|n| n * b)))
+        .zip(split_sizes(&mut out_cols, np.iter().copied()))
+        .zip(split_sizes(&mut out_vals, np.iter().copied()));
+    dst.zip(groups).for_each(|(((((pb, ps), pc), oc), ov), go)| {
+        pb.copy_from_slice(&go.p2_block);
+        ps.copy_from_slice(&go.p2_scales);
+        pc.copy_from_slice(&go.p2_codes);
+        for (k, &(c, v)) in go.preds.iter().flatten().enumerate() {
+            (oc[k], ov[k]) = (c, v);
+        }
+    });
+    let p = PackedMatrix { rows, cols, block_size: b, codes, scales, row_scales, p2_ptr, p2_block, p2_scales, p2_codes, out_ptr, out_cols, out_vals };
     debug_assert!(p.validate().is_ok());
     Ok(p)
+}
+
+/// `s` cut into consecutive pieces of the given sizes (which must add up to at most its length).
+fn split_sizes<T>(mut s: &mut [T], sizes: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
+    sizes.map(|n| {
+        let (a, rest) = std::mem::take(&mut s).split_at_mut(n);
+        s = rest;
+        a
+    }).collect()
 }
 
 #[cfg(test)]
