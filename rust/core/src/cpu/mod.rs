@@ -44,8 +44,8 @@
 //! (`value * x[col]`). Non-finite `x` in a chunk makes that chunk's scale NaN, so it shows in `y`.
 
 use crate::format::{Dims, PackedMatrix, ROWS_PER_GROUP};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use rayon::prelude::*;
+use std::sync::{Arc, RwLock};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -225,13 +225,18 @@ pub fn matmul_with(
         }
     };
     let work = d.n_groups * d.padded_cols * batch;
-    if work < (1 << 17) {
+    let threads = num_threads().max(1);
+    // Small products, and one thread, on the caller: handing the call to the pool costs a
+    // wake-up of a worker and then of the caller, ~70 us per call from Python with one worker
+    // on this VM (the whole of a 576 x 1536 product is ~35 us).
+    if work < (1 << 17) || threads == 1 {
         run(0, &mut tmp);
     } else {
-        let threads = num_threads().max(1);
-        let gpt = d.n_groups.div_ceil((threads * 8).min(d.n_groups));
-        let outs: Vec<Mutex<&mut [f32]>> = tmp.chunks_mut(gpt * per_group).map(Mutex::new).collect();
-        for_each_task(outs.len(), threads, |t| run(t * gpt, &mut outs[t].lock().unwrap_or_else(|e| e.into_inner())));
+        let tasks = (threads * 8).min(d.n_groups);
+        let gpt = d.n_groups.div_ceil(tasks);
+        run_in_pool(|| {
+            tmp.par_chunks_mut(gpt * per_group).enumerate().for_each(|(t, out)| run(t * gpt, out));
+        });
     }
     // tmp is [group][row in group][batch]; y is [batch][row].
     for (b, yb) in y.chunks_exact_mut(p.rows).enumerate() {
@@ -593,35 +598,6 @@ pub fn run_in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         Some(p) => p.install(f),
         None => f(),
     }
-}
-
-/// Runs `task(t)` once for every `t` in `0..n`, on `threads` threads: the calling thread
-/// and `threads - 1` jobs on the shared pool take the next task from a shared counter until none is
-/// left. The caller starts at once instead of waiting for sleeping workers to wake (and then
-/// being woken itself): a pool dispatch cost ~20 us per call with 2 workers and ~70 us with 1
-/// on the 2-core VM (`bench/cpu_matvec.py`'s small shapes), as much as a whole mat-vec of
-/// SmolLM2's layers. With one thread everything runs on the caller.
-pub(crate) fn for_each_task(n: usize, threads: usize, task: impl Fn(usize) + Sync) {
-    let threads = threads.max(1).min(n);
-    let pool = if threads > 1 { pool() } else { None };
-    let Some(pool) = pool else {
-        (0..n).for_each(task);
-        return;
-    };
-    let next = AtomicUsize::new(0);
-    let work = || loop {
-        let t = next.fetch_add(1, Ordering::Relaxed);
-        if t >= n {
-            break;
-        }
-        task(t);
-    };
-    pool.in_place_scope(|s| {
-        for _ in 1..threads {
-            s.spawn(|_| work());
-        }
-        work();
-    });
 }
 
 /// Worker count in use.

@@ -666,20 +666,6 @@ fn thread_pool() {
     assert!(set_num_threads(1 << 20).is_err());
 }
 
-#[test]
-fn every_task_runs_once() {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    for n in [0, 1, 2, 7, 100, 1000] {
-        for threads in [0, 1, 2, 3, 8] {
-            let seen: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
-            for_each_task(n, threads, |t| {
-                seen[t].fetch_add(1, Ordering::Relaxed);
-            });
-            assert!(seen.iter().all(|c| c.load(Ordering::Relaxed) == 1), "n = {n}, threads = {threads}");
-        }
-    }
-}
-
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[repr(C)]
 struct Timespec {
