@@ -1208,6 +1208,16 @@ def test_set_and_get_num_threads():
         pp.set_num_threads(2)
         assert pp.get_num_threads() == 2
         assert canon(pp.compress(w, 3.0, 64)) == one  # the result does not depend on threads
+        # Products big enough to be split into tasks (>= 2^17 code bytes): one thread runs them
+        # all on the caller, two in the pool; every row is computed the same way either way.
+        p = pp.compress(make_weight(600, 1100, 64, "heavy", 1.0, 1), 3.0, 64)
+        x = np.random.default_rng(3).standard_normal((3, 1100)).astype(np.float32)
+        got = {}
+        for n in (1, 2):
+            pp.set_num_threads(n)
+            got[n] = [pp.matvec(p, x[0]), pp.matvec(p, x[0], activations="int8"), pp.matmul(p, x), pp.matmul(p, x, activations="int8")]
+        for a, b in zip(got[1], got[2]):
+            np.testing.assert_array_equal(a, b)
         pp.set_num_threads(0)
         assert pp.get_num_threads() >= 1
     finally:
