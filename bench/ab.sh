@@ -3,6 +3,7 @@
 # bench/ab/src/main.rs for what it prints.
 #   bench/ab.sh [REV] compress [ROWS COLS BITS ROUNDS]
 #   bench/ab.sh [REV] matvec [ROWS COLS THREADS int8|f32 ROUNDS]
+#   PAUSE_MS=10 bench/ab.sh ... matvec ...: blocks of 10 calls after 10 ms pauses
 set -euo pipefail
 root=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
 rev=HEAD

@@ -6,6 +6,9 @@
 //!
 //!     bench/ab.sh [REV] compress [ROWS COLS BITS ROUNDS]
 //!     bench/ab.sh [REV] matvec [ROWS COLS THREADS int8|f32 ROUNDS]
+//!
+//! `PAUSE_MS=10 bench/ab.sh matvec ...`: each round times a block of 10 calls after a pause of
+//! that many milliseconds (workers gone to sleep), instead of a long warm run.
 
 use std::time::Instant;
 
@@ -32,12 +35,18 @@ fn median(v: &[f64]) -> f64 {
     s[s.len() / 2]
 }
 
+fn p90(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    s[(s.len() * 9 / 10).min(s.len() - 1)]
+}
+
 fn report(what: &str, unit: f64, digits: usize, to: &[f64], tn: &[f64]) {
     let ratio: Vec<f64> = to.iter().zip(tn).map(|(a, b)| a / b).collect();
     let mn = |v: &[f64]| v.iter().cloned().fold(f64::MAX, f64::min);
     println!(
-        "{what}: old min {:.d$} med {:.d$} | new min {:.d$} med {:.d$} | old/new per round: median {:.3} (min {:.3}, max {:.3}, {} rounds)",
-        mn(to) * unit, median(to) * unit, mn(tn) * unit, median(tn) * unit,
+        "{what}: old min {:.d$} med {:.d$} p90 {:.d$} | new min {:.d$} med {:.d$} p90 {:.d$} | old/new per round: median {:.3} (min {:.3}, max {:.3}, {} rounds)",
+        mn(to) * unit, median(to) * unit, p90(to) * unit, mn(tn) * unit, median(tn) * unit, p90(tn) * unit,
         median(&ratio), mn(&ratio), ratio.iter().cloned().fold(0.0, f64::max), ratio.len(), d = digits
     );
 }
@@ -88,6 +97,7 @@ fn main() {
                 (new::cpu::Activations::F32, old::cpu::Activations::F32)
             };
             let calls = ((2e8 / (rows * cols) as f64).ceil() as usize).max(1);
+            let pause = std::time::Duration::from_millis(std::env::var("PAUSE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0));
             let (mut to, mut tn) = (vec![], vec![]);
             for r in 0..rounds {
                 for which in [r % 2, 1 - r % 2] {
@@ -100,10 +110,18 @@ fn main() {
                             }
                         }
                     };
-                    go(calls / 4 + 1);
+                    // PAUSE_MS: a block of 10 calls after a pause (cold workers, as between
+                    // the layers of a model), instead of a warm-up and a long run.
+                    let n = if pause.is_zero() {
+                        go(calls / 4 + 1);
+                        calls
+                    } else {
+                        std::thread::sleep(pause);
+                        10
+                    };
                     let t = Instant::now();
-                    go(calls);
-                    let dt = t.elapsed().as_secs_f64() / calls as f64;
+                    go(n);
+                    let dt = t.elapsed().as_secs_f64() / n as f64;
                     if which == 0 { to.push(dt) } else { tn.push(dt) }
                 }
             }

@@ -1,7 +1,9 @@
 //! CPU mat-vec / mat-mat kernels over the packed format (never materialising W).
 //!
-//! `y = W x` is computed straight from the packed bytes (FORMAT.md): rayon splits the work over
-//! row groups (5 rows, one code byte per column), and inside a group one pass over the columns
+//! `y = W x` is computed straight from the packed bytes (FORMAT.md): the work is split over
+//! row groups (5 rows, one code byte per column), run by the calling thread and helper threads
+//! that spin between calls (`team`; the rayon pool when another call holds the team), and
+//! inside a group one pass over the columns
 //! decodes each code byte once and feeds all five rows (and, in `matmul`, all batch vectors of a
 //! tile of up to [`BATCH_TILE`]). The group's plane-2 entries are applied in the same pass over
 //! the group (right after its plane-1 codes, while `x` is in L1), and its predators last.
@@ -77,6 +79,7 @@ pub(crate) fn prefetch_code<T>(p: *const T) {
 }
 
 pub mod scalar;
+mod team;
 #[cfg(test)]
 mod tests;
 
@@ -234,9 +237,12 @@ pub fn matmul_with(
     } else {
         let tasks = (threads * 8).min(d.n_groups);
         let gpt = d.n_groups.div_ceil(tasks);
-        run_in_pool(|| {
-            tmp.par_chunks_mut(gpt * per_group).enumerate().for_each(|(t, out)| run(t * gpt, out));
-        });
+        // The caller and spinning helpers (`team`); the pool when another call holds the team.
+        let outs: Vec<std::sync::Mutex<&mut [f32]>> = tmp.chunks_mut(gpt * per_group).map(std::sync::Mutex::new).collect();
+        let task = |t: usize| run(t * gpt, &mut outs[t].lock().unwrap_or_else(|e| e.into_inner()));
+        if !team::run(outs.len(), threads, &task) {
+            run_in_pool(|| (0..outs.len()).into_par_iter().for_each(task));
+        }
     }
     // tmp is [group][row in group][batch]; y is [batch][row].
     for (b, yb) in y.chunks_exact_mut(p.rows).enumerate() {
