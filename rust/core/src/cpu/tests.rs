@@ -378,7 +378,7 @@ fn superblock_paths() {
 
 #[test]
 fn larger_matrix_parallel_path() {
-    // Enough work for the rayon path (n_groups * Kp >= 2^17).
+    // Enough work for the threaded path (n_groups * Kp >= 2^17: the team, or the pool).
     let p = random_packed(203, 2304, 64, 0.6, 0.01, 400);
     check_all(&p, &[1, 4], 401, 1.0, false);
     let p = random_packed(96, 1537, 32, 0.5, 0.01, 402);
