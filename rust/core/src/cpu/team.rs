@@ -93,14 +93,19 @@ fn helper_loop(shared: &'static Shared, me: &'static Helper) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(256) && since.elapsed() > SPIN {
-                me.sleeping.store(true, Ordering::SeqCst);
-                if shared.seq.load(Ordering::SeqCst) == seen {
-                    std::thread::park();
+            if spins.is_multiple_of(256) {
+                if since.elapsed() > SPIN {
+                    me.sleeping.store(true, Ordering::SeqCst);
+                    if shared.seq.load(Ordering::SeqCst) == seen {
+                        std::thread::park();
+                    }
+                    me.sleeping.store(false, Ordering::SeqCst);
+                    since = Instant::now();
+                    continue;
                 }
-                me.sleeping.store(false, Ordering::SeqCst);
-                since = Instant::now();
-                continue;
+                // Let other threads that want this core run (e.g. numpy's BLAS workers
+                // between our calls): it returns at once when none does.
+                std::thread::yield_now();
             }
             std::hint::spin_loop();
         }
@@ -152,7 +157,7 @@ impl Drop for CloseGuard {
         let mut spins = 0u32;
         while self.0.finished.load(Ordering::Acquire) < joined {
             spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(4096) {
+            if spins.is_multiple_of(256) {
                 // A helper that joined may have lost its core: let it run.
                 std::thread::yield_now();
             }
