@@ -1140,6 +1140,9 @@ def test_threads_get_the_single_threaded_results():
     rng = np.random.default_rng(5)
     ws = [make_weight(int(rng.integers(1, 60)), int(rng.choice(AWKWARD_K)), b, "heavy", 1.0, i)
           for i, b in enumerate([32, 64, 128, 256] * 2)]
+    # and two products split into tasks (>= 2^17 code bytes): two threads calling at once
+    # means one runs on the kernels' team and the other, finding it busy, on the pool
+    ws += [make_weight(600, 1100, 64, "heavy", 1.0, 20), make_weight(700, 1000, 64, "heavy", 1.0, 21)]
     jobs = []
     for i, w in enumerate(ws):
         n, k = w.shape
@@ -1209,7 +1212,8 @@ def test_set_and_get_num_threads():
         assert pp.get_num_threads() == 2
         assert canon(pp.compress(w, 3.0, 64)) == one  # the result does not depend on threads
         # Products big enough to be split into tasks (>= 2^17 code bytes): one thread runs them
-        # all on the caller, two in the pool; every row is computed the same way either way.
+        # all on the caller, two on the caller and a helper (`cpu/team.rs`); every row is
+        # computed the same way either way.
         p = pp.compress(make_weight(600, 1100, 64, "heavy", 1.0, 1), 3.0, 64)
         x = np.random.default_rng(3).standard_normal((3, 1100)).astype(np.float32)
         got = {}
