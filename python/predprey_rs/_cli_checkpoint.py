@@ -194,6 +194,9 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="compress as `predprey compress --calibrate` does (GPTQ on the shipped calibration text; "
                         "a few minutes) instead of plain per-layer compression (seconds)")
+    p.add_argument("--activations", choices=("int8", "float32"), default="int8",
+                   help="inputs of the compressed model's packed layers: int8 (the kernels' fast path, ~0.5%% "
+                        "error per product; default) or float32 (exact, slower)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON at the end")
 
 
@@ -203,7 +206,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         res = _demo.run(args.model, bits=args.bits, block_size=args.block_size, prompt=args.prompt,
                         max_new_tokens=args.max_new_tokens, device=args.device,
-                        out=sys.stderr if args.json else sys.stdout, progress=True, calibrate=args.calibrate)
+                        out=sys.stderr if args.json else sys.stdout, progress=True, calibrate=args.calibrate,
+                        activations=args.activations)
     except KeyboardInterrupt:
         return 130
     except _USER_ERRORS as e:

@@ -54,11 +54,13 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 def run(model_path: str | None = None, bits: float = 3.0, block_size: int = 64, prompt: str = DEFAULT_PROMPT,
         max_new_tokens: int = 48, device: str = "auto", out: TextIO | None = None, progress: bool = True,
-        calibrate: bool = False) -> dict:
+        calibrate: bool = False, activations: str = "int8") -> dict:
     """Runs the demo, printing to ``out`` (stdout); returns the figures as a dict. ``calibrate``:
     compress as ``predprey compress --calibrate`` does (statistics of the model on the shipped
     calibration text, error feedback, bits allocated per layer type and depth; minutes on a
-    laptop) instead of plain ``pp.compress`` per layer (seconds)."""
+    laptop) instead of plain ``pp.compress`` per layer (seconds). ``activations``: how the
+    compressed model's packed layers take their inputs ("int8": the kernels' fast path, as a
+    deployment would run them; "float32": exact), ``LlamaModel.set_activations``."""
     from . import decompress
     from .llama import LlamaModel
     from .sources import GGUFSource
@@ -110,6 +112,7 @@ def run(model_path: str | None = None, bits: float = 3.0, block_size: int = 64, 
         if bar is not None:
             bar.close()
     t_comp = time.perf_counter() - t1
+    cmodel.set_activations(activations)
     packed = cmodel.linear_layers()
     packed_bytes = sum(p.nbytes for p in packed.values())
     src_lin_bytes = sum(src_types[n][1] for n in lin)
@@ -160,7 +163,7 @@ def run(model_path: str | None = None, bits: float = 3.0, block_size: int = 64, 
     say(f"  original   (float32 numpy, {r0.decode_tokens_per_s:.1f} tok/s):")
     say("    " + tok.decode(r0.ids).strip().replace("\n", "\n    "))
     r1 = cmodel.generate(ids, max_new_tokens, stops)
-    say(f"  compressed ({bpw:.2f} bits, {dev_note.split(' (')[0]}, {r1.decode_tokens_per_s:.1f} tok/s):")
+    say(f"  compressed ({bpw:.2f} bits, {activations} activations, {dev_note.split(' (')[0]}, {r1.decode_tokens_per_s:.1f} tok/s):")
     say("    " + tok.decode(r1.ids).strip().replace("\n", "\n    "))
 
     # next-token agreement on the original answer (teacher forcing)
@@ -173,6 +176,7 @@ def run(model_path: str | None = None, bits: float = 3.0, block_size: int = 64, 
     say(f"  total time {time.perf_counter() - t0:.1f} s")
     return {
         "model": str(path), "bits": bits, "block_size": block_size, "device": dev, "calibrated": calibrate,
+        "activations": activations,
         "linear_weights": n_lin, "packed_bytes": packed_bytes, "bits_per_weight": bpw,
         "source_linear_bytes": src_lin_bytes, "fp16_linear_bytes": 2 * n_lin,
         "rel_error": {"median": float(np.median(allv)), "max": float(np.max(allv)),
