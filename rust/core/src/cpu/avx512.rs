@@ -907,23 +907,6 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
     }
 }
 
-/// `predators` by scalar loads (out of line, so the gather path's code stays as it was).
-///
-/// # Safety
-/// `xf` points to `c.x.stride` floats; F16C present.
-#[inline(never)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn predators_scalar(c: &Ctx, cols: &[u32], vals: &[half::f16], xf: *const f32) -> f32 {
-    let mut s = 0f32;
-    for (&col, v) in cols.iter().zip(vals) {
-        // SAFETY: the column is clamped to stride - 1, inside xf (stride floats).
-        let xv = unsafe { *xf.add((col as usize).min(c.x.stride - 1)) };
-        let v = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(v.to_bits() as i32)));
-        s += v * xv;
-    }
-    s
-}
-
 /// Matrices with at most this many predators per row on average sum them by scalar loads
 /// (`predators`).
 const SCALAR_PREDATORS: usize = 8;
@@ -941,15 +924,16 @@ pub(super) unsafe fn predators(c: &Ctx, r: usize, xf: *const f32) -> f32 {
     let range = c.predators(r);
     let cols = &p.out_cols[range.clone()];
     let vals = &p.out_vals[range];
+    if p.out_vals.len() <= SCALAR_PREDATORS * p.rows {
+        // A few per row on average (SmolLM2-135M at 3 bits: 1-3 per row): one at a time, as
+        // the AVX2 and NEON kernels do, costs less than a gather and a horizontal sum.
+        // (Decided per matrix, not per row: a branch on each row's count mispredicts often
+        // enough to lose it all at ~5 per row.)
+        // SAFETY: xf points to c.x.stride floats (this function's contract).
+        return super::predators_f32(c, r, unsafe { core::slice::from_raw_parts(xf, c.x.stride) });
+    }
     let last = _mm512_set1_epi32((c.x.stride - 1) as i32);
     let n = cols.len().min(vals.len());
-    if p.out_vals.len() <= SCALAR_PREDATORS * p.rows {
-        // A few per row on average (SmolLM2-135M at 3 bits: 1-3 per row): scalar loads cost
-        // less than a gather and a horizontal sum. (Decided per matrix, not per row: a branch
-        // on each row's count mispredicts often enough to lose it all at ~5 per row.)
-        // SAFETY: forwarded from the caller.
-        return unsafe { predators_scalar(c, cols, vals, xf) };
-    }
     let mut s0 = _mm512_setzero_ps();
     let mut s1 = _mm512_setzero_ps();
     let mut j = 0;

@@ -380,9 +380,9 @@ pub(crate) fn walk_pieces(c: &Ctx, g: usize, scr: &mut [f32], mut step: impl FnM
 }
 
 /// Sum of `value * x[col]` over the predators of row `r`, in float32, one at a time (invalid
-/// columns read 0): the predator pass of the AVX2 and NEON kernels.
+/// columns read 0): the predator pass of the NEON kernels, and of the AVX-512 ones for
+/// matrices with few predators per row.
 #[inline(always)]
-#[cfg_attr(target_arch = "x86_64", allow(dead_code))] // x86-64 kernels gather with F16C instead
 pub(crate) fn predators_f32(c: &Ctx, r: usize, xf: &[f32]) -> f32 {
     let p = c.p;
     let range = c.predators(r);
