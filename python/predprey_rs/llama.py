@@ -299,8 +299,9 @@ class LlamaModel:
         path: ~0.5 % error per product, docs/kernels.md; SmolLM2-135M decodes ~1.5x faster on
         2 cores, `predprey demo`: 50 against 32-35 tokens/s).
         Dense layers are unaffected. Returns the model."""
-        if activations not in ("float32", "int8"):
-            raise ValueError(f"activations is {activations!r}; expected 'float32' or 'int8'")
+        from . import _activations_flag
+
+        _activations_flag(activations)  # ValueError for anything else
         for b in self.blocks:
             for lin in (b.q, b.k, b.v, b.o, b.gate, b.up, b.down):
                 lin.activations = activations
