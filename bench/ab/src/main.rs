@@ -1,8 +1,12 @@
-//! Same-process A/B of two versions of predprey-core: `old` (a git revision, exported by
-//! `bench/ab.sh`) against `new` (the working tree). The two are called alternately, round by
-//! round, so that this VM's slow and fast minutes fall on both alike; the figure to read is
-//! the median of the per-round ratios old/new (> 1: new is faster). Separate processes,
-//! alternated, moved by +-10 % here; this reads 2-3 % differences.
+//! Same-process A/B of two versions of predprey-core, `old` and `new` (`bench/ab.sh` builds it
+//! twice: a git revision against the working tree, and the roles swapped). The two are called
+//! alternately, round by round, so that this VM's slow and fast minutes fall on both alike; the
+//! figure to read is the median of the per-round ratios old/new (> 1: new is faster).
+//! Separate processes, alternated, moved by +-10 % here. What this resolves, measured with
+//! identical code on both sides (session 13, Zen 4 VM, 4096 x 14336 int8, one thread): one
+//! order alone read 0.926-1.032 (code placement and where the matrices land in memory, below);
+//! both orders combined (`bench/ab.sh`'s last line) 1.004-1.040. Differences under ~4 % are
+//! not resolved.
 //!
 //!     bench/ab.sh [REV] compress [ROWS COLS BITS ROUNDS]
 //!     bench/ab.sh [REV] matvec [ROWS COLS THREADS int8|f32 ROUNDS]
@@ -87,8 +91,14 @@ fn main() {
             let rounds = arg(&a, 6, 20usize);
             new::cpu::set_num_threads(threads).unwrap();
             old::cpu::set_num_threads(threads).unwrap();
-            let pn = new::quant::compress(&w, rows, cols, None, &new::quant::QuantConfig::new(3.0, 64)).unwrap();
-            let po = old::quant::compress(&w, rows, cols, None, &old::quant::QuantConfig::new(3.0, 64)).unwrap();
+            // Two copies of each, made in the order old, new, new, old, and used in turn: where
+            // a matrix lands in memory depends on when it is made (of two, the one compressed
+            // first read 2-7 % slower here, identical code), so neither version gets the better
+            // placements.
+            let po1 = old::quant::compress(&w, rows, cols, None, &old::quant::QuantConfig::new(3.0, 64)).unwrap();
+            let pn1 = new::quant::compress(&w, rows, cols, None, &new::quant::QuantConfig::new(3.0, 64)).unwrap();
+            let pn2 = new::quant::compress(&w, rows, cols, None, &new::quant::QuantConfig::new(3.0, 64)).unwrap();
+            let po2 = old::quant::compress(&w, rows, cols, None, &old::quant::QuantConfig::new(3.0, 64)).unwrap();
             let x: Vec<f32> = student_t5(cols, 7).iter().map(|v| v * 0.3).collect();
             let mut y = vec![0f32; rows];
             let (an, ao) = if int8 {
@@ -100,13 +110,14 @@ fn main() {
             let pause = std::time::Duration::from_millis(std::env::var("PAUSE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0));
             let (mut to, mut tn) = (vec![], vec![]);
             for r in 0..rounds {
+                let (po, pn) = if r % 4 < 2 { (&po1, &pn1) } else { (&po2, &pn2) };
                 for which in [r % 2, 1 - r % 2] {
                     let mut go = |n: usize| {
                         for _ in 0..n {
                             if which == 0 {
-                                old::cpu::matvec(&po, &x, ao, &mut y).unwrap();
+                                old::cpu::matvec(po, &x, ao, &mut y).unwrap();
                             } else {
-                                new::cpu::matvec(&pn, &x, an, &mut y).unwrap();
+                                new::cpu::matvec(pn, &x, an, &mut y).unwrap();
                             }
                         }
                     };
