@@ -921,17 +921,17 @@ const SCALAR_PREDATORS: usize = 8;
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
 pub(super) unsafe fn predators(c: &Ctx, r: usize, xf: *const f32) -> f32 {
     let p = c.p;
-    let range = c.predators(r);
-    let cols = &p.out_cols[range.clone()];
-    let vals = &p.out_vals[range];
     if p.out_vals.len() <= SCALAR_PREDATORS * p.rows {
         // A few per row on average (SmolLM2-135M at 3 bits: 1-3 per row): one at a time, as
-        // the AVX2 and NEON kernels do, costs less than a gather and a horizontal sum.
+        // the NEON kernels do, costs less than a gather and a horizontal sum.
         // (Decided per matrix, not per row: a branch on each row's count mispredicts often
         // enough to lose it all at ~5 per row.)
         // SAFETY: xf points to c.x.stride floats (this function's contract).
         return super::predators_f32(c, r, unsafe { core::slice::from_raw_parts(xf, c.x.stride) });
     }
+    let range = c.predators(r);
+    let cols = &p.out_cols[range.clone()];
+    let vals = &p.out_vals[range];
     let last = _mm512_set1_epi32((c.x.stride - 1) as i32);
     let n = cols.len().min(vals.len());
     let mut s0 = _mm512_setzero_ps();
