@@ -7,9 +7,10 @@
 #
 # Both versions are exported the same way (REV by `git archive`, the working tree by a copy)
 # and the harness is built twice, once with REV as `old` and once with the roles swapped, and
-# run in both orders. The crate in the `new` role read 4-7 % slower than the same code in the
-# `old` role on the Zen 4 VM (code placement; identical code: 0.926 and 0.961), which hid or
-# invented changes of that size. The last line divides the bias out: with r1 = REV/tree and
+# run in both orders. With one order the crate in the `new` role read up to 7 % slower than
+# the same code in the `old` role on the Zen 4 VM (identical code: 0.926-0.997; mostly where
+# the matrices landed in memory, which main.rs now balances, partly code placement), which hid
+# or invented changes of that size. The last line divides a role bias out: with r1 = REV/tree and
 # r2 = tree/REV (each old/new, per-round medians), tree speedup = sqrt(r1 / r2) (> 1: the
 # working tree is faster). AB_ONE_WAY=1 runs only the first order (half the time).
 set -euo pipefail

@@ -95,10 +95,9 @@ fn main() {
             // a matrix lands in memory depends on when it is made (of two, the one compressed
             // first read 2-7 % slower here, identical code), so neither version gets the better
             // placements.
-            let po1 = old::quant::compress(&w, rows, cols, None, &old::quant::QuantConfig::new(3.0, 64)).unwrap();
-            let pn1 = new::quant::compress(&w, rows, cols, None, &new::quant::QuantConfig::new(3.0, 64)).unwrap();
-            let pn2 = new::quant::compress(&w, rows, cols, None, &new::quant::QuantConfig::new(3.0, 64)).unwrap();
-            let po2 = old::quant::compress(&w, rows, cols, None, &old::quant::QuantConfig::new(3.0, 64)).unwrap();
+            let old_packed = || old::quant::compress(&w, rows, cols, None, &old::quant::QuantConfig::new(3.0, 64)).unwrap();
+            let new_packed = || new::quant::compress(&w, rows, cols, None, &new::quant::QuantConfig::new(3.0, 64)).unwrap();
+            let (po1, pn1, pn2, po2) = (old_packed(), new_packed(), new_packed(), old_packed());
             let x: Vec<f32> = student_t5(cols, 7).iter().map(|v| v * 0.3).collect();
             let mut y = vec![0f32; rows];
             let (an, ao) = if int8 {
