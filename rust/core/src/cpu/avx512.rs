@@ -125,7 +125,7 @@ impl<const NB: usize> XPtrs<NB> {
     }
 }
 
-type GroupFn = unsafe fn(&Ctx, usize, usize, &mut [f32], &mut Scratch);
+type GroupFn = unsafe fn(&Ctx, usize, usize, usize, &mut [f32], &mut Scratch);
 
 fn pick<const NB: usize>(act: Activations, b32: bool) -> GroupFn {
     match (act, b32) {
@@ -157,14 +157,22 @@ fn pick_nb(nb: usize, act: Activations, b32: bool) -> GroupFn {
 pub(super) unsafe fn groups(c: &Ctx, g0: usize, out: &mut [f32], scratch: &mut Scratch) {
     let per_group = R * c.batch;
     let b32 = c.d.block_size == 32;
-    for (gi, og) in out.chunks_exact_mut(per_group).enumerate() {
-        let mut b0 = 0;
-        while b0 < c.batch {
-            let nb = (c.batch - b0).min(BATCH_TILE);
-            let f = pick_nb(nb, c.act, b32);
-            // SAFETY: forwarded from the caller; `f` is `group` for exactly `nb` vectors from b0.
-            unsafe { f(c, g0 + gi, b0, og, scratch) };
-            b0 += nb;
+    if c.batch <= BATCH_TILE {
+        // SAFETY: forwarded from the caller; `group` for all c.batch vectors and every group
+        // of `out`.
+        unsafe { pick_nb(c.batch, c.act, b32)(c, g0, out.len() / per_group, 0, out, scratch) };
+    } else {
+        // Tiles of BATCH_TILE vectors, all of them per group (its codes stay in cache).
+        for (gi, og) in out.chunks_exact_mut(per_group).enumerate() {
+            let mut b0 = 0;
+            while b0 < c.batch {
+                let nb = (c.batch - b0).min(BATCH_TILE);
+                let f = pick_nb(nb, c.act, b32);
+                // SAFETY: forwarded from the caller; `f` is `group` for exactly `nb` vectors
+                // from b0, one group.
+                unsafe { f(c, g0 + gi, 1, b0, og, scratch) };
+                b0 += nb;
+            }
         }
     }
     if predators_after(c) {
@@ -628,15 +636,20 @@ unsafe fn sb_plane<const NB: usize>(
     unsafe { sb_finish::<NB>(&s, qs, sw, sx, acc) };
 }
 
-/// One group for batch vectors `b0..b0 + NB`. `B32`: block size 32 (a 64-column vector spans
-/// two blocks). `INT8`: int8 activations, else float32.
+/// Groups `g0..g0 + count` for batch vectors `b0..b0 + NB`, results into `out` ([group][row
+/// in group][batch], `count` groups). `B32`: block size 32 (a 64-column vector spans two
+/// blocks). `INT8`: int8 activations, else float32. The loop over groups is in here so that
+/// what does not depend on the group (activation pointers, lookup tables, lane tables) is set
+/// up once per call, not once per group: on K = 512..2048 that setup, the per-group call and
+/// a call per row for the predators were ~45 ns per group against ~37 per superblock.
 ///
 /// # Safety
-/// As for [`groups`].
+/// As for [`groups`]; `out` holds `count * 5 * c.batch` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,fma,f16c")]
 unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
     c: &Ctx,
-    g: usize,
+    g0: usize,
+    count: usize,
     b0: usize,
     out: &mut [f32],
     scr: &mut Scratch,
@@ -645,264 +658,296 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
     let (bs, kp, nb) = (c.d.block_size, c.d.padded_cols, c.d.n_blocks);
     // B is a power of two: shifts instead of divisions in the loops.
     let lb = bs.trailing_zeros() as usize;
-    // Every scale below is the 8-bit code as f32: both planes of a row share its row scale
-    // row_scales[r] / 256, applied once to the row's sum before the predators are added.
-    // (int8 reads the scale codes of whole superblocks straight from the u8 arrays.)
-    if !INT8 || kp % 512 != 0 {
-        // SAFETY: scratch size and CPU features per this function's contract.
-        unsafe { row_scales(c, g, scr) };
-    }
-    if b0 == 0 {
-        prefetch_group(c, g + 1);
-    }
     let x = XPtrs::<NB>::new(c, b0);
     // SAFETY: the tables are 128 bytes each (AVX-512F present).
     let digit = unsafe { [0, 1, 2, 3, 4].map(|i| lut_regs(&DIGIT_LUTS[i])) };
     let pn = unsafe { [lut_regs(&POS_LUT), lut_regs(&NEG_LUT)] };
     // SAFETY: as above.
     let packed = unsafe { [lut_regs(&PACKED_LUTS[0]), lut_regs(&PACKED_LUTS[1])] };
-    let mut acc = [[_mm512_setzero_ps(); NB]; R];
     let rs = srow(nb);
-    let sf = &scr.f[..R * rs];
-
-    // The row scales (plane `pl`) of the 64-column vector `v`: (lanes/quarters of the first 32
-    // columns, of the last 32); equal unless B = 32.
-    let scales = |pl: usize, v: usize| -> [(__m512, __m512); R] {
-        core::array::from_fn(|i| {
-            let s = &sf[(pl * R + i) * rs..(pl * R + i + 1) * rs];
-            if B32 {
-                (_mm512_set1_ps(s[2 * v]), _mm512_set1_ps(s[2 * v + 1]))
-            } else {
-                let a = _mm512_set1_ps(s[(v * 64) >> lb]);
-                (a, a)
-            }
-        })
-    };
-
-    let base = &p.codes[g * kp..(g + 1) * kp];
     let full = kp / 64;
     let bsi = lb - 5; // 0..4 for B = 32..256
     // SAFETY (all loads of the lane tables): 16 aligned i32 each.
     let unit = unsafe { _mm512_load_si512(LANE_UNIT[bsi].0.as_ptr() as *const _) };
     let n_sb = if INT8 { kp / 512 } else { 0 };
     let bps = 512 >> lb; // blocks per superblock
-    // The plane-1 scale codes of a superblock: row i's `bps` blocks from `s1_row[i] + first`
-    // (masked load; nothing at all for padding rows, which then get scale 0).
-    let s1_row: [usize; R] = core::array::from_fn(|i| if g * R + i < p.rows { (g * R + i) * nb } else { 0 });
-    let s1_mask: [__mmask16; R] = core::array::from_fn(|i| if g * R + i < p.rows { (((1u32 << bps) - 1) & 0xFFFF) as __mmask16 } else { 0 });
-    // Superblocks of 512 columns (int8): codes transposed so lane L of all 8 vectors is one
-    // 32-column chunk, int32 sums over the superblock, one float step per row.
-    for sb in 0..n_sb {
-        let first = sb * bps;
-        // The code rows of all groups are one contiguous stream: prefetch AHEAD bytes on
-        // (into the next group's row near the end of this one).
-        let row_at = g * kp + 512 * sb + AHEAD;
-        for s in 0..8 {
-            prefetch_code(p.codes.as_ptr().wrapping_add(row_at + 64 * s));
-        }
-        // SAFETY: 512 sb + 512 <= kp = base.len().
-        let src: [__m512i; 8] = unsafe { core::array::from_fn(|s| _mm512_loadu_si512(base.as_ptr().add(512 * sb + 64 * s) as *const _)) };
-        // SAFETY: AVX-512F present.
-        let t1 = unsafe { transpose8(src) };
-        // SAFETY: sxt and qsumt hold stride / 32 >= 16 sb + 16 values per batch vector; the
-        // masked scale load reads row r's blocks first..first + bps <= nb (whole superblocks),
-        // inside `scales` (N * nb); features per this function's contract.
-        unsafe {
-            let sx: [__m512; NB] = core::array::from_fn(|b| _mm512_loadu_ps(x.sxt[b].add(16 * sb)));
-            let sw: [__m512; R] = core::array::from_fn(|i| {
-                let h = _mm_maskz_loadu_epi8(s1_mask[i], p.scales.as_ptr().wrapping_add(s1_row[i] + first) as *const i8);
-                _mm512_permutexvar_ps(unit, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(h)))
-            });
-            let qs: [__m512i; NB] = core::array::from_fn(|b| _mm512_loadu_si512(x.qsumt[b].add(16 * sb) as *const _));
-            let mut q = [[_mm512_setzero_si512(); NB]; 8];
-            for v in 0..8 {
-                for b in 0..NB {
-                    // col + 64 <= kp <= stride; xt holds stride bytes per batch vector.
-                    q[v][b] = _mm512_loadu_si512(x.xt[b].add(512 * sb + 64 * v) as *const _);
-                }
-            }
-            sb_plane::<NB>(&t1, &q, &qs, &packed, &sw, &sx, &mut acc);
-        }
-    }
-
-    // Plane 2 (int8): 512 contiguous code bytes = 512 / B consecutive entries of the group
-    // (any blocks) form a pseudo-superblock, transposed like a superblock; the activations of
-    // their blocks are loaded and transposed the same way.
-    let es = c.p2_entries(g);
-    let per = 512 >> lb;
-    // Entries handled here (the scale table holds nb); a last, partial pseudo-superblock is
-    // padded with code 121 (five ternary zeros), whose lanes then add exactly 0.
-    let n_valid = if INT8 { es.len().min(nb) } else { 0 };
-    let n_ps = n_valid.div_ceil(per);
+    let per = 512 >> lb; // plane-2 entries per pseudo-superblock
     // SAFETY: 16 aligned i32.
     let off = unsafe { _mm512_load_si512(LANE_OFF[bsi].0.as_ptr() as *const _) };
     let last_blk = _mm512_set1_epi32(nb as i32 - 1);
-    for ps in 0..n_ps {
-        let e0 = es.start + ps * per;
-        let cnt = (n_valid - ps * per).min(per);
-        // The entries' cnt * B code bytes; past them (a last, partial pseudo-superblock) the
-        // masked loads below read code 121.
-        let codes = &p.p2_codes[e0 * bs..(e0 + cnt) * bs];
-        for s in 0..8 {
-            prefetch_code(p.p2_codes.as_ptr().wrapping_add(e0 * bs + AHEAD + 64 * s));
+    let preds = Preds::of(c);
+    for (gi, out) in out.chunks_exact_mut(R * c.batch).take(count).enumerate() {
+        let g = g0 + gi;
+        // Every scale below is the 8-bit code as f32: both planes of a row share its row scale
+        // row_scales[r] / 256, applied once to the row's sum before the predators are added.
+        // (int8 reads the scale codes of whole superblocks straight from the u8 arrays.)
+        if !INT8 || kp % 512 != 0 {
+            // SAFETY: scratch size and CPU features per this function's contract.
+            unsafe { row_scales(c, g, scr) };
         }
-        // SAFETY: the code loads read codes.len() = cnt * B bytes (whole when cnt = per, else
-        // masked); the masked p2_block load reads cnt entries < E; every activation load below
-        // starts at a block start (block clamped to < nb) plus an offset with offset + 64 <= B
-        // (or 32 bytes at offset 0 when B = 32), so it ends before kp + 32 <= stride; the
-        // gather reads sx[blk * B / 32 + off] < kp / 32 <= stride / 32 (sx and qsum); the
-        // masked p2_scales loads read the cnt * 5 values of entries e0..e0 + cnt <= E;
-        // features per this function's contract.
-        unsafe {
-            // The entries' blocks (0 past cnt), clamped to < nb, and their first columns (one
-            // vector, stored once for the scalar address arithmetic of the x loads).
-            let m: __mmask16 = if cnt >= 16 { 0xFFFF } else { (1u16 << cnt) - 1 };
-            let eb = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.p2_block.as_ptr().add(e0) as *const i16));
-            let eb = _mm512_min_epu32(eb, last_blk);
-            let mut col0 = Idx([0; 16]);
-            _mm512_store_si512(col0.0.as_mut_ptr() as *mut _, _mm512_sllv_epi32(eb, _mm512_set1_epi32(lb as i32)));
-            let col0 = &col0.0;
-            let src: [__m512i; 8] = if cnt == per {
-                core::array::from_fn(|s| _mm512_loadu_si512(codes.as_ptr().add(64 * s) as *const _))
-            } else {
-                core::array::from_fn(|s| {
-                    let n = codes.len().saturating_sub(64 * s).min(64);
-                    let m: __mmask64 = if n == 64 { !0 } else { (1u64 << n) - 1 };
-                    _mm512_mask_loadu_epi8(_mm512_set1_epi8(121), m, codes.as_ptr().wrapping_add(64 * s) as *const i8)
-                })
-            };
-            let t2 = transpose8(src);
-            let mut q = [[_mm512_setzero_si512(); NB]; 8];
-            for b in 0..NB {
-                let xq = x.xq[b];
-                let xs: [__m512i; 8] = core::array::from_fn(|s| {
-                    if B32 {
-                        let lo = _mm256_loadu_si256(xq.add(col0[2 * s] as usize) as *const __m256i);
-                        let hi = _mm256_loadu_si256(xq.add(col0[2 * s + 1] as usize) as *const __m256i);
-                        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
-                    } else {
-                        _mm512_loadu_si512(xq.add(col0[(64 * s) >> lb] as usize + ((64 * s) & (bs - 1))) as *const _)
-                    }
-                });
-                let xt = transpose8(xs);
-                for v in 0..8 {
-                    q[v][b] = xt[v];
-                }
-            }
-            // Lane L: entry unit[L] of the pseudo-superblock, chunk off[L] of its block: its
-            // chunk scale sx and chunk sum qs. B = 32: one 16-lane gather each. B >= 64: the two
-            // chunks 2k, 2k+1 of the pseudo-superblock lie in one block, so one 8-qword gather
-            // fetches all 16 in chunk order and a permute puts them in lane order (half the
-            // gathered elements; the gathers were ~7% of an int8 product's time).
-            let (sx, qs): ([__m512; NB], [__m512i; NB]) = if B32 {
-                let blocks = _mm512_permutexvar_epi32(unit, eb);
-                let idx = _mm512_add_epi32(_mm512_sllv_epi32(blocks, _mm512_set1_epi32(bsi as i32)), off);
-                (
-                    core::array::from_fn(|b| _mm512_i32gather_ps::<4>(idx, x.sx[b])),
-                    core::array::from_fn(|b| _mm512_i32gather_epi32::<4>(idx, x.qsum[b])),
-                )
-            } else {
-                let ent = _mm512_load_si512(QWORD_ENT[bsi].0.as_ptr() as *const _);
-                let qoff = _mm512_load_si512(QWORD_OFF[bsi].0.as_ptr() as *const _);
-                let lanes = _mm512_load_si512(LANE_CHUNK.0.as_ptr() as *const _);
-                // qword index of chunks 2k, 2k+1: block * B / 64 + offset
-                let qi = _mm512_add_epi32(_mm512_sllv_epi32(_mm512_permutexvar_epi32(ent, eb), _mm512_set1_epi32(bsi as i32 - 1)), qoff);
-                let qi = _mm512_castsi512_si256(qi);
-                (
-                    core::array::from_fn(|b| {
-                        let v = _mm512_i32gather_epi64::<8>(qi, x.sx[b] as *const i64);
-                        _mm512_permutexvar_ps(lanes, _mm512_castsi512_ps(v))
-                    }),
-                    core::array::from_fn(|b| {
-                        let v = _mm512_i32gather_epi64::<8>(qi, x.qsum[b] as *const i64);
-                        _mm512_permutexvar_epi32(lanes, v)
-                    }),
-                )
-            };
-            // Plane-2 scale codes: the cnt * 5 bytes of the entries (masked loads, zeros past
-            // them) widened to words, row i of lane L's entry picked by a word permute.
-            let nw = cnt * R;
-            let wm = |lo: usize| -> __mmask32 {
-                let n = nw.saturating_sub(lo).min(32);
-                if n == 32 { !0 } else { (1u32 << n) - 1 }
-            };
-            let ws = p.p2_scales.as_ptr().add(e0 * R) as *const i8;
-            let w0 = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(wm(0), ws));
-            let w1 = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(wm(32), ws.wrapping_add(32)));
-            let w2 = if B32 { _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(wm(64), ws.wrapping_add(64))) } else { _mm512_setzero_si512() };
-            let sw: [__m512; R] = core::array::from_fn(|i| {
-                let idx = _mm512_load_si512(P2_WORD[bsi][i].0.as_ptr() as *const _);
-                let mut v = _mm512_permutex2var_epi16(w0, idx, w1);
+        if b0 == 0 {
+            prefetch_group(c, g + 1);
+        }
+        let mut acc = [[_mm512_setzero_ps(); NB]; R];
+        let sf = &scr.f[..R * rs];
+
+        // The row scales (plane `pl`) of the 64-column vector `v`: (lanes/quarters of the first 32
+        // columns, of the last 32); equal unless B = 32.
+        let scales = |pl: usize, v: usize| -> [(__m512, __m512); R] {
+            core::array::from_fn(|i| {
+                let s = &sf[(pl * R + i) * rs..(pl * R + i + 1) * rs];
                 if B32 {
-                    // Lanes whose word is past 64 (entries 13.. of 16) come from w2.
-                    v = _mm512_mask_blend_epi16(P2_HI[i], v, _mm512_permutexvar_epi16(_mm512_sub_epi16(idx, _mm512_set1_epi16(64)), w2));
+                    (_mm512_set1_ps(s[2 * v]), _mm512_set1_ps(s[2 * v + 1]))
+                } else {
+                    let a = _mm512_set1_ps(s[(v * 64) >> lb]);
+                    (a, a)
                 }
-                _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)))
-            });
-            sb_plane::<NB>(&t2, &q, &qs, &packed, &sw, &sx, &mut acc);
-        }
-    }
-
-    // Plane 1 past the superblocks (all of it for float32): vector v = columns 64v..64v+64.
-    for v in n_sb * 8..full {
-        prefetch_code(p.codes.as_ptr().wrapping_add(g * kp + 64 * v + AHEAD));
-        // SAFETY: 64v + 64 <= kp = base.len().
-        let cv = unsafe { _mm512_loadu_si512(base.as_ptr().add(64 * v) as *const _) };
-        let sw = scales(0, v);
-        // SAFETY: column 64v + 64 <= kv <= stride (Ctx sizes).
-        unsafe { step::<NB, B32, INT8>(cv, 64 * v, &sw, &digit, &pn, &x, &mut acc) };
-    }
-    if kp % 64 != 0 {
-        // The last 32 columns (Kp is a multiple of 32): the upper half reads as code 121 (t = 0).
-        // SAFETY: only the low 32 bytes are read (mask), and 64 * full + 32 == kp.
-        let cv = unsafe {
-            _mm512_mask_loadu_epi8(_mm512_set1_epi8(121), 0xFFFF_FFFF, base.as_ptr().add(64 * full) as *const i8)
+            })
         };
-        let sw = scales(0, full);
-        // SAFETY: column 64 * full + 64 <= kv <= stride.
-        unsafe { step::<NB, B32, INT8>(cv, 64 * full, &sw, &digit, &pn, &x, &mut acc) };
-    }
 
-    // Plane 2 not done above (all of it for float32; entries past nb of an invalid matrix for
-    // int8), entry by entry: entry e
-    // holds B code bytes for block p2_block[e] of this group.
-    for e in es.start + n_valid..es.end {
-        let blk = c.p2_block(e);
-        let sw: [(__m512, __m512); R] = core::array::from_fn(|i| {
-            let a = _mm512_set1_ps(p.p2_scales[e * R + i] as f32);
-            (a, a)
-        });
-        let codes = &p.p2_codes[e * bs..(e + 1) * bs];
-        if B32 {
-            // SAFETY: the mask reads codes[0..32] only; column blk * 32 + 64 <= kp + 32 <= stride.
-            unsafe {
-                let cv = _mm512_mask_loadu_epi8(_mm512_set1_epi8(121), 0xFFFF_FFFF, codes.as_ptr() as *const i8);
-                step::<NB, false, INT8>(cv, blk * 32, &sw, &digit, &pn, &x, &mut acc);
+        let base = &p.codes[g * kp..(g + 1) * kp];
+        // The plane-1 scale codes of a superblock: row i's `bps` blocks from `s1_row[i] + first`
+        // (masked load; nothing at all for padding rows, which then get scale 0).
+        let s1_row: [usize; R] = core::array::from_fn(|i| if g * R + i < p.rows { (g * R + i) * nb } else { 0 });
+        let s1_mask: [__mmask16; R] = core::array::from_fn(|i| if g * R + i < p.rows { (((1u32 << bps) - 1) & 0xFFFF) as __mmask16 } else { 0 });
+        // Superblocks of 512 columns (int8): codes transposed so lane L of all 8 vectors is one
+        // 32-column chunk, int32 sums over the superblock, one float step per row.
+        for sb in 0..n_sb {
+            let first = sb * bps;
+            // The code rows of all groups are one contiguous stream: prefetch AHEAD bytes on
+            // (into the next group's row near the end of this one).
+            let row_at = g * kp + 512 * sb + AHEAD;
+            for s in 0..8 {
+                prefetch_code(p.codes.as_ptr().wrapping_add(row_at + 64 * s));
             }
-        } else {
-            for u in 0..bs >> 6 {
-                // SAFETY: 64u + 64 <= bs = codes.len(); column blk * bs + 64u + 64 <= kp <= stride.
+            // SAFETY: 512 sb + 512 <= kp = base.len().
+            let src: [__m512i; 8] = unsafe { core::array::from_fn(|s| _mm512_loadu_si512(base.as_ptr().add(512 * sb + 64 * s) as *const _)) };
+            // SAFETY: AVX-512F present.
+            let t1 = unsafe { transpose8(src) };
+            // SAFETY: sxt and qsumt hold stride / 32 >= 16 sb + 16 values per batch vector; the
+            // masked scale load reads row r's blocks first..first + bps <= nb (whole superblocks),
+            // inside `scales` (N * nb); features per this function's contract.
+            unsafe {
+                let sx: [__m512; NB] = core::array::from_fn(|b| _mm512_loadu_ps(x.sxt[b].add(16 * sb)));
+                let sw: [__m512; R] = core::array::from_fn(|i| {
+                    let h = _mm_maskz_loadu_epi8(s1_mask[i], p.scales.as_ptr().wrapping_add(s1_row[i] + first) as *const i8);
+                    _mm512_permutexvar_ps(unit, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(h)))
+                });
+                let qs: [__m512i; NB] = core::array::from_fn(|b| _mm512_loadu_si512(x.qsumt[b].add(16 * sb) as *const _));
+                let mut q = [[_mm512_setzero_si512(); NB]; 8];
+                for v in 0..8 {
+                    for b in 0..NB {
+                        // col + 64 <= kp <= stride; xt holds stride bytes per batch vector.
+                        q[v][b] = _mm512_loadu_si512(x.xt[b].add(512 * sb + 64 * v) as *const _);
+                    }
+                }
+                sb_plane::<NB>(&t1, &q, &qs, &packed, &sw, &sx, &mut acc);
+            }
+        }
+
+        // Plane 2 (int8): 512 contiguous code bytes = 512 / B consecutive entries of the group
+        // (any blocks) form a pseudo-superblock, transposed like a superblock; the activations of
+        // their blocks are loaded and transposed the same way.
+        let es = c.p2_entries(g);
+        // Entries handled here (the scale table holds nb); a last, partial pseudo-superblock is
+        // padded with code 121 (five ternary zeros), whose lanes then add exactly 0.
+        let n_valid = if INT8 { es.len().min(nb) } else { 0 };
+        let n_ps = n_valid.div_ceil(per);
+        for ps in 0..n_ps {
+            let e0 = es.start + ps * per;
+            let cnt = (n_valid - ps * per).min(per);
+            // The entries' cnt * B code bytes; past them (a last, partial pseudo-superblock) the
+            // masked loads below read code 121.
+            let codes = &p.p2_codes[e0 * bs..(e0 + cnt) * bs];
+            for s in 0..8 {
+                prefetch_code(p.p2_codes.as_ptr().wrapping_add(e0 * bs + AHEAD + 64 * s));
+            }
+            // SAFETY: the code loads read codes.len() = cnt * B bytes (whole when cnt = per, else
+            // masked); the masked p2_block load reads cnt entries < E; every activation load below
+            // starts at a block start (block clamped to < nb) plus an offset with offset + 64 <= B
+            // (or 32 bytes at offset 0 when B = 32), so it ends before kp + 32 <= stride; the
+            // gather reads sx[blk * B / 32 + off] < kp / 32 <= stride / 32 (sx and qsum); the
+            // masked p2_scales loads read the cnt * 5 values of entries e0..e0 + cnt <= E;
+            // features per this function's contract.
+            unsafe {
+                // The entries' blocks (0 past cnt), clamped to < nb, and their first columns (one
+                // vector, stored once for the scalar address arithmetic of the x loads).
+                let m: __mmask16 = if cnt >= 16 { 0xFFFF } else { (1u16 << cnt) - 1 };
+                let eb = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.p2_block.as_ptr().add(e0) as *const i16));
+                let eb = _mm512_min_epu32(eb, last_blk);
+                let mut col0 = Idx([0; 16]);
+                _mm512_store_si512(col0.0.as_mut_ptr() as *mut _, _mm512_sllv_epi32(eb, _mm512_set1_epi32(lb as i32)));
+                let col0 = &col0.0;
+                let src: [__m512i; 8] = if cnt == per {
+                    core::array::from_fn(|s| _mm512_loadu_si512(codes.as_ptr().add(64 * s) as *const _))
+                } else {
+                    core::array::from_fn(|s| {
+                        let n = codes.len().saturating_sub(64 * s).min(64);
+                        let m: __mmask64 = if n == 64 { !0 } else { (1u64 << n) - 1 };
+                        _mm512_mask_loadu_epi8(_mm512_set1_epi8(121), m, codes.as_ptr().wrapping_add(64 * s) as *const i8)
+                    })
+                };
+                let t2 = transpose8(src);
+                let mut q = [[_mm512_setzero_si512(); NB]; 8];
+                for b in 0..NB {
+                    let xq = x.xq[b];
+                    let xs: [__m512i; 8] = core::array::from_fn(|s| {
+                        if B32 {
+                            let lo = _mm256_loadu_si256(xq.add(col0[2 * s] as usize) as *const __m256i);
+                            let hi = _mm256_loadu_si256(xq.add(col0[2 * s + 1] as usize) as *const __m256i);
+                            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+                        } else {
+                            _mm512_loadu_si512(xq.add(col0[(64 * s) >> lb] as usize + ((64 * s) & (bs - 1))) as *const _)
+                        }
+                    });
+                    let xt = transpose8(xs);
+                    for v in 0..8 {
+                        q[v][b] = xt[v];
+                    }
+                }
+                // Lane L: entry unit[L] of the pseudo-superblock, chunk off[L] of its block: its
+                // chunk scale sx and chunk sum qs. B = 32: one 16-lane gather each. B >= 64: the two
+                // chunks 2k, 2k+1 of the pseudo-superblock lie in one block, so one 8-qword gather
+                // fetches all 16 in chunk order and a permute puts them in lane order (half the
+                // gathered elements; the gathers were ~7% of an int8 product's time).
+                let (sx, qs): ([__m512; NB], [__m512i; NB]) = if B32 {
+                    let blocks = _mm512_permutexvar_epi32(unit, eb);
+                    let idx = _mm512_add_epi32(_mm512_sllv_epi32(blocks, _mm512_set1_epi32(bsi as i32)), off);
+                    (
+                        core::array::from_fn(|b| _mm512_i32gather_ps::<4>(idx, x.sx[b])),
+                        core::array::from_fn(|b| _mm512_i32gather_epi32::<4>(idx, x.qsum[b])),
+                    )
+                } else {
+                    let ent = _mm512_load_si512(QWORD_ENT[bsi].0.as_ptr() as *const _);
+                    let qoff = _mm512_load_si512(QWORD_OFF[bsi].0.as_ptr() as *const _);
+                    let lanes = _mm512_load_si512(LANE_CHUNK.0.as_ptr() as *const _);
+                    // qword index of chunks 2k, 2k+1: block * B / 64 + offset
+                    let qi = _mm512_add_epi32(_mm512_sllv_epi32(_mm512_permutexvar_epi32(ent, eb), _mm512_set1_epi32(bsi as i32 - 1)), qoff);
+                    let qi = _mm512_castsi512_si256(qi);
+                    (
+                        core::array::from_fn(|b| {
+                            let v = _mm512_i32gather_epi64::<8>(qi, x.sx[b] as *const i64);
+                            _mm512_permutexvar_ps(lanes, _mm512_castsi512_ps(v))
+                        }),
+                        core::array::from_fn(|b| {
+                            let v = _mm512_i32gather_epi64::<8>(qi, x.qsum[b] as *const i64);
+                            _mm512_permutexvar_epi32(lanes, v)
+                        }),
+                    )
+                };
+                // Plane-2 scale codes: the cnt * 5 bytes of the entries (masked loads, zeros past
+                // them) widened to words, row i of lane L's entry picked by a word permute.
+                let nw = cnt * R;
+                let wm = |lo: usize| -> __mmask32 {
+                    let n = nw.saturating_sub(lo).min(32);
+                    if n == 32 { !0 } else { (1u32 << n) - 1 }
+                };
+                let ws = p.p2_scales.as_ptr().add(e0 * R) as *const i8;
+                let w0 = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(wm(0), ws));
+                let w1 = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(wm(32), ws.wrapping_add(32)));
+                let w2 = if B32 { _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(wm(64), ws.wrapping_add(64))) } else { _mm512_setzero_si512() };
+                let sw: [__m512; R] = core::array::from_fn(|i| {
+                    let idx = _mm512_load_si512(P2_WORD[bsi][i].0.as_ptr() as *const _);
+                    let mut v = _mm512_permutex2var_epi16(w0, idx, w1);
+                    if B32 {
+                        // Lanes whose word is past 64 (entries 13.. of 16) come from w2.
+                        v = _mm512_mask_blend_epi16(P2_HI[i], v, _mm512_permutexvar_epi16(_mm512_sub_epi16(idx, _mm512_set1_epi16(64)), w2));
+                    }
+                    _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)))
+                });
+                sb_plane::<NB>(&t2, &q, &qs, &packed, &sw, &sx, &mut acc);
+            }
+        }
+
+        // Plane 1 past the superblocks (all of it for float32): vector v = columns 64v..64v+64.
+        for v in n_sb * 8..full {
+            prefetch_code(p.codes.as_ptr().wrapping_add(g * kp + 64 * v + AHEAD));
+            // SAFETY: 64v + 64 <= kp = base.len().
+            let cv = unsafe { _mm512_loadu_si512(base.as_ptr().add(64 * v) as *const _) };
+            let sw = scales(0, v);
+            // SAFETY: column 64v + 64 <= kv <= stride (Ctx sizes).
+            unsafe { step::<NB, B32, INT8>(cv, 64 * v, &sw, &digit, &pn, &x, &mut acc) };
+        }
+        if kp % 64 != 0 {
+            // The last 32 columns (Kp is a multiple of 32): the upper half reads as code 121 (t = 0).
+            // SAFETY: only the low 32 bytes are read (mask), and 64 * full + 32 == kp.
+            let cv = unsafe {
+                _mm512_mask_loadu_epi8(_mm512_set1_epi8(121), 0xFFFF_FFFF, base.as_ptr().add(64 * full) as *const i8)
+            };
+            let sw = scales(0, full);
+            // SAFETY: column 64 * full + 64 <= kv <= stride.
+            unsafe { step::<NB, B32, INT8>(cv, 64 * full, &sw, &digit, &pn, &x, &mut acc) };
+        }
+
+        // Plane 2 not done above (all of it for float32; entries past nb of an invalid matrix for
+        // int8), entry by entry: entry e
+        // holds B code bytes for block p2_block[e] of this group.
+        for e in es.start + n_valid..es.end {
+            let blk = c.p2_block(e);
+            let sw: [(__m512, __m512); R] = core::array::from_fn(|i| {
+                let a = _mm512_set1_ps(p.p2_scales[e * R + i] as f32);
+                (a, a)
+            });
+            let codes = &p.p2_codes[e * bs..(e + 1) * bs];
+            if B32 {
+                // SAFETY: the mask reads codes[0..32] only; column blk * 32 + 64 <= kp + 32 <= stride.
                 unsafe {
-                    let cv = _mm512_loadu_si512(codes.as_ptr().add(64 * u) as *const _);
-                    step::<NB, false, INT8>(cv, (blk << lb) + 64 * u, &sw, &digit, &pn, &x, &mut acc);
+                    let cv = _mm512_mask_loadu_epi8(_mm512_set1_epi8(121), 0xFFFF_FFFF, codes.as_ptr() as *const i8);
+                    step::<NB, false, INT8>(cv, blk * 32, &sw, &digit, &pn, &x, &mut acc);
+                }
+            } else {
+                for u in 0..bs >> 6 {
+                    // SAFETY: 64u + 64 <= bs = codes.len(); column blk * bs + 64u + 64 <= kp <= stride.
+                    unsafe {
+                        let cv = _mm512_loadu_si512(codes.as_ptr().add(64 * u) as *const _);
+                        step::<NB, false, INT8>(cv, (blk << lb) + 64 * u, &sw, &digit, &pn, &x, &mut acc);
+                    }
                 }
             }
         }
-    }
 
-    // Reduce, add predators (float32, value * x[col]; or later, `predators_after`), store.
-    for i in 0..R {
-        let r = g * R + i;
-        for b in 0..NB {
-            let mut y = _mm512_reduce_add_ps(acc[i][b]);
-            if r < p.rows {
-                y *= row_unit(p.row_scales[r]);
-                if !predators_after(c) {
-                    // SAFETY: x.xf[b] holds `stride` floats (Ctx sizes).
-                    y += unsafe { predators(c, r, x.xf[b]) };
+        // Reduce, add predators (float32, value * x[col]; or later, `predators_after`), store.
+        for i in 0..R {
+            let r = g * R + i;
+            for b in 0..NB {
+                let mut y = _mm512_reduce_add_ps(acc[i][b]);
+                if r < p.rows {
+                    y *= row_unit(p.row_scales[r]);
+                    match preds {
+                        Preds::Skip => {}
+                        // SAFETY: x.xf[b] holds `stride` floats (Ctx sizes).
+                        Preds::Scalar => y += super::predators_f32(c, r, unsafe { core::slice::from_raw_parts(x.xf[b], c.x.stride) }),
+                        // SAFETY: as above.
+                        Preds::Gather => y += unsafe { predators(c, r, x.xf[b]) },
+                    }
                 }
+                out[i * c.batch + b0 + b] = y;
             }
-            out[i * c.batch + b0 + b] = y;
+        }
+    }
+}
+
+/// How `group` adds a matrix's predators at the end of each group (decided once per call).
+#[derive(Clone, Copy)]
+enum Preds {
+    /// Nothing to add there: the matrix has none, or they are added after all the task's
+    /// groups (`predators_after`).
+    Skip,
+    /// At most `SCALAR_PREDATORS` per row on average: scalar loads, inline.
+    Scalar,
+    /// More: 16-lane gathers (`predators`).
+    Gather,
+}
+
+impl Preds {
+    fn of(c: &Ctx) -> Preds {
+        let m = c.p.out_vals.len();
+        if m == 0 || predators_after(c) {
+            Preds::Skip
+        } else if m <= SCALAR_PREDATORS * c.p.rows {
+            Preds::Scalar
+        } else {
+            Preds::Gather
         }
     }
 }
