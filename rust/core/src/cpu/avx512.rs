@@ -910,17 +910,19 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
         for i in 0..R {
             let r = g * R + i;
             for b in 0..NB {
-                let mut y = _mm512_reduce_add_ps(acc[i][b]);
-                if r < p.rows {
-                    y *= row_unit(p.row_scales[r]);
+                let y = if r >= p.rows {
+                    _mm512_reduce_add_ps(acc[i][b])
+                } else {
+                    let u = row_unit(p.row_scales[r]);
                     match preds {
-                        Preds::Skip => {}
+                        Preds::Skip => _mm512_reduce_add_ps(acc[i][b]) * u,
                         // SAFETY: x.xf[b] holds `stride` floats (Ctx sizes).
-                        Preds::Scalar => y += super::predators_f32(c, r, unsafe { core::slice::from_raw_parts(x.xf[b], c.x.stride) }),
-                        // SAFETY: as above.
-                        Preds::Gather => y += unsafe { predators(c, r, x.xf[b]) },
+                        Preds::Scalar => _mm512_reduce_add_ps(acc[i][b]) * u + super::predators_f32(c, r, unsafe { core::slice::from_raw_parts(x.xf[b], c.x.stride) }),
+                        // The row's sum scaled lane-wise, its predators added into the same lanes:
+                        // one horizontal sum per row instead of two. SAFETY: as above.
+                        Preds::Gather => unsafe { predators_onto(c, r, x.xf[b], _mm512_mul_ps(acc[i][b], _mm512_set1_ps(u))) },
                     }
-                }
+                };
                 out[i * c.batch + b0 + b] = y;
             }
         }
@@ -974,12 +976,26 @@ pub(super) unsafe fn predators(c: &Ctx, r: usize, xf: *const f32) -> f32 {
         // SAFETY: xf points to c.x.stride floats (this function's contract).
         return super::predators_f32(c, r, unsafe { core::slice::from_raw_parts(xf, c.x.stride) });
     }
+    // SAFETY: forwarded.
+    unsafe { predators_onto(c, r, xf, _mm512_setzero_ps()) }
+}
+
+/// `sum(start) + sum of value * x[col]` over the predators of row `r`, by gathers (the gather
+/// path of `predators`; `group` passes a row's scaled accumulator so that one horizontal sum
+/// serves both).
+///
+/// # Safety
+/// As for `predators`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn predators_onto(c: &Ctx, r: usize, xf: *const f32, start: __m512) -> f32 {
+    let p = c.p;
     let range = c.predators(r);
     let cols = &p.out_cols[range.clone()];
     let vals = &p.out_vals[range];
     let last = _mm512_set1_epi32((c.x.stride - 1) as i32);
     let n = cols.len().min(vals.len());
-    let mut s0 = _mm512_setzero_ps();
+    let mut s0 = start;
     let mut s1 = _mm512_setzero_ps();
     let mut j = 0;
     // SAFETY: full 16-element loads inside cols/vals (j + 32 <= n), masked ones for the rest;
