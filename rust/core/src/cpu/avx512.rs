@@ -670,8 +670,8 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
     // SAFETY (all loads of the lane tables): 16 aligned i32 each.
     let unit = unsafe { _mm512_load_si512(LANE_UNIT[bsi].0.as_ptr() as *const _) };
     let n_sb = if INT8 { kp / 512 } else { 0 };
-    let bps = 512 >> lb; // blocks per superblock
-    let per = 512 >> lb; // plane-2 entries per pseudo-superblock
+    // Blocks per superblock, and so plane-2 entries (one block each) per pseudo-superblock.
+    let bps = 512 >> lb;
     // SAFETY: 16 aligned i32.
     let off = unsafe { _mm512_load_si512(LANE_OFF[bsi].0.as_ptr() as *const _) };
     let last_blk = _mm512_set1_epi32(nb as i32 - 1);
@@ -752,17 +752,17 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
         // Entries handled here (the scale table holds nb); a last, partial pseudo-superblock is
         // padded with code 121 (five ternary zeros), whose lanes then add exactly 0.
         let n_valid = if INT8 { es.len().min(nb) } else { 0 };
-        let n_ps = n_valid.div_ceil(per);
+        let n_ps = n_valid.div_ceil(bps);
         for ps in 0..n_ps {
-            let e0 = es.start + ps * per;
-            let cnt = (n_valid - ps * per).min(per);
+            let e0 = es.start + ps * bps;
+            let cnt = (n_valid - ps * bps).min(bps);
             // The entries' cnt * B code bytes; past them (a last, partial pseudo-superblock) the
             // masked loads below read code 121.
             let codes = &p.p2_codes[e0 * bs..(e0 + cnt) * bs];
             for s in 0..8 {
                 prefetch_code(p.p2_codes.as_ptr().wrapping_add(e0 * bs + AHEAD + 64 * s));
             }
-            // SAFETY: the code loads read codes.len() = cnt * B bytes (whole when cnt = per, else
+            // SAFETY: the code loads read codes.len() = cnt * B bytes (whole when cnt = bps, else
             // masked); the masked p2_block load reads cnt entries < E; every activation load below
             // starts at a block start (block clamped to < nb) plus an offset with offset + 64 <= B
             // (or 32 bytes at offset 0 when B = 32), so it ends before kp + 32 <= stride; the
@@ -778,7 +778,7 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
                 let mut col0 = Idx([0; 16]);
                 _mm512_store_si512(col0.0.as_mut_ptr() as *mut _, _mm512_sllv_epi32(eb, _mm512_set1_epi32(lb as i32)));
                 let col0 = &col0.0;
-                let src: [__m512i; 8] = if cnt == per {
+                let src: [__m512i; 8] = if cnt == bps {
                     core::array::from_fn(|s| _mm512_loadu_si512(codes.as_ptr().add(64 * s) as *const _))
                 } else {
                     core::array::from_fn(|s| {
@@ -943,10 +943,9 @@ enum Preds {
 
 impl Preds {
     fn of(c: &Ctx) -> Preds {
-        let m = c.p.out_vals.len();
-        if m == 0 || predators_after(c) {
+        if c.p.out_vals.is_empty() || predators_after(c) {
             Preds::Skip
-        } else if m <= SCALAR_PREDATORS * c.p.rows {
+        } else if few_predators(c) {
             Preds::Scalar
         } else {
             Preds::Gather
@@ -958,6 +957,12 @@ impl Preds {
 /// (`predators`).
 const SCALAR_PREDATORS: usize = 8;
 
+/// Whether the matrix has at most `SCALAR_PREDATORS` predators per row on average.
+#[inline(always)]
+fn few_predators(c: &Ctx) -> bool {
+    c.p.out_vals.len() <= SCALAR_PREDATORS * c.p.rows
+}
+
 /// Sum of `value * x[col]` over the predators of row `r` (float32 products; gathers of x into
 /// two accumulators, measured 1.6x faster than scalar loads on Zen 4 for K = 14336's ~110 per
 /// row; scalar for at most `SCALAR_PREDATORS` per row on average).
@@ -967,8 +972,7 @@ const SCALAR_PREDATORS: usize = 8;
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
 pub(super) unsafe fn predators(c: &Ctx, r: usize, xf: *const f32) -> f32 {
-    let p = c.p;
-    if p.out_vals.len() <= SCALAR_PREDATORS * p.rows {
+    if few_predators(c) {
         // A few per row on average (SmolLM2-135M at 3 bits: 1-3 per row): one at a time, as
         // the NEON kernels do, costs less than a gather and a horizontal sum.
         // (Decided per matrix, not per row: a branch on each row's count mispredicts often
