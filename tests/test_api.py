@@ -690,6 +690,21 @@ def test_nan_and_inf_in_weight_are_counted_and_located():
     assert "row 1" in msg and "col 2" in msg
 
 
+@pytest.mark.parametrize("what", ["weight", "importance"])
+def test_float64_beyond_float32_range_is_named(what, recwarn):
+    # A finite float64 past float32's range would become inf in the cast: named, not reported as
+    # a non-finite value (and no RuntimeWarning from numpy on the way).
+    w, h = W_OK.astype(np.float64), np.ones(W_OK.shape[1])
+    if what == "weight":
+        w[3, 5] = -1e300
+    else:
+        h[7] = 1e39
+    with pytest.raises(pp.WeightError, match=rf"{what} has finite values beyond float32's range") as ei:
+        pp.compress(w, BITS_OK, 32, importance=h)
+    assert ("row 3, col 5" if what == "weight" else "index 7") in str(ei.value)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_weight_out_of_fp16_range():
     w = W_OK.astype(np.float64)
     w[2, 3] = 65505.0
@@ -731,7 +746,13 @@ def test_bits_not_a_positive_number(bits):
         pp.compress(W_OK, bits, 32)
 
 
-@pytest.mark.parametrize("block_size", [0, 16, 48, 65, 512])
+@pytest.mark.parametrize("bits", [None, "3", True, [3.0], 3 + 0j])
+def test_bits_not_a_number(bits):
+    with pytest.raises(pp.WeightError, match=r"bits is .*expected a number of bits per weight"):
+        pp.compress(W_OK, bits, 32)
+
+
+@pytest.mark.parametrize("block_size", [0, 16, 48, 65, 512, -64, 2**70, 64.0, True, "64", None])
 def test_block_size_not_allowed(block_size):
     # A ValueError subclass of predprey_rs that lists the allowed sizes.
     with pytest.raises((pp.WeightError, pp.FormatError), match="32, 64, 128, 256") as ei:

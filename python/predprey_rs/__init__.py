@@ -8,6 +8,8 @@ bytes (Rust on the CPU, WGSL through wgpu on GPUs). The layout is specified in F
 
 from __future__ import annotations
 
+import numbers
+import operator
 import os
 from typing import Any
 
@@ -83,7 +85,40 @@ def _as_float32(a: Any, what: str, ndim: int) -> np.ndarray:
             f"{what} has dtype {a.dtype}; expected a float dtype (float32, float16, float64, "
             "or bfloat16 bits as uint16)"
         )
-    return np.ascontiguousarray(a, dtype=np.float32)
+    if a.dtype.itemsize <= 4:
+        return np.ascontiguousarray(a, dtype=np.float32)
+    # float64 / longdouble: a finite value beyond float32's range would become +-inf in the cast
+    # (with only a RuntimeWarning); name it instead.
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(a, dtype=np.float32)
+    lost = np.isinf(out) & np.isfinite(a)
+    if lost.any():
+        at = np.unravel_index(int(np.argmax(lost)), a.shape)
+        where = f"row {at[0]}, col {at[1]}" if a.ndim == 2 else f"index {at[0]}"
+        raise WeightError(
+            f"{what} has finite values beyond float32's range (|value| up to "
+            f"{float(np.max(np.abs(a[lost]))):.3g}, first at {where}); expected |value| <= "
+            f"{float(np.finfo(np.float32).max):.4g}"
+        )
+    return out
+
+
+def _bits_arg(bits: Any) -> float:
+    """``bits`` as a float, or WeightError naming it (the range is checked by the core)."""
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Real):
+        raise WeightError(f"bits is {bits!r} ({type(bits).__name__}); expected a number of bits per weight")
+    return float(bits)
+
+
+def _block_size_arg(block_size: Any) -> int:
+    """``block_size`` as an int from BLOCK_SIZES, or WeightError naming it."""
+    try:
+        b = operator.index(block_size)
+    except TypeError:
+        b = None
+    if isinstance(block_size, bool) or b not in BLOCK_SIZES:
+        raise WeightError(f"block_size is {block_size!r}; expected one of {', '.join(map(str, BLOCK_SIZES))}")
+    return b
 
 
 def compress(
@@ -98,13 +133,14 @@ def compress(
     channel, as llama.cpp's imatrix stores it); with it every choice minimises
     sum_k h_k (w - q)^2 instead of the plain squared error. Releases the GIL while working.
     """
+    b, bs = _bits_arg(bits), _block_size_arg(block_size)
     w = _as_float32(weight, "weight", 2)
     h = None
     if importance is not None:
         h = _as_float32(importance, "importance", 1)
         if h.shape[0] != w.shape[1]:
             raise ShapeError(f"importance has length {h.shape[0]}; expected K = {w.shape[1]} (one per input column)")
-    return _core.compress(w, float(bits), int(block_size), h)
+    return _core.compress(w, b, bs, h)
 
 
 def decompress(p: PackedMatrix) -> np.ndarray:

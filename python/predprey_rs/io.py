@@ -377,8 +377,9 @@ def compress_checkpoint(
             raise ValueError("compress_checkpoint needs an output directory unless dry_run=True")
         if outp.exists() and not overwrite:
             raise FileExistsError(f"{outp} already exists; remove it or pass overwrite=True (--force)")
-    if block_size not in _core.BLOCK_SIZES:
-        raise ValueError(f"block_size is {block_size}; expected one of {list(_core.BLOCK_SIZES)}")
+    from . import _bits_arg, _block_size_arg
+
+    bits, block_size = _bits_arg(bits), _block_size_arg(block_size)
     imatrix: Mapping[str, np.ndarray] | None
     imatrix_name = None
     if importance is None or isinstance(importance, Mapping):
