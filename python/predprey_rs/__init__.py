@@ -156,30 +156,28 @@ def _activations_flag(activations: str) -> bool:
     return activations == "int8"
 
 
+def _apply(op: str, p: Any, x: Any, what: str, ndim: int, activations: str) -> np.ndarray:
+    """``op`` ("matvec" or "matmul") of ``p`` (CPU PackedMatrix or gpu.GpuMatrix) on ``x``."""
+    int8 = _activations_flag(activations)
+    if isinstance(p, PackedMatrix):
+        return getattr(_core, op)(p, _as_float32(x, what, ndim), int8)
+    from . import gpu
+
+    if isinstance(p, gpu.GpuMatrix):
+        return getattr(p, op)(_as_float32(x, what, ndim), activations)
+    raise TypeError(f"{op} takes a PackedMatrix or gpu.GpuMatrix, got {type(p).__name__}")
+
+
 def matvec(p: Any, x: Any, activations: str = "float32") -> np.ndarray:
     """y = W x. ``x``: (K,) float array -> (N,) float32. ``p``: PackedMatrix (CPU) or
     ``gpu.GpuMatrix`` (GPU). ``activations="int8"`` quantizes x per 32 columns (the fast path on
     the CPU and the GPU alike; same rule, predators still exact: docs/kernels.md)."""
-    int8 = _activations_flag(activations)
-    if isinstance(p, PackedMatrix):
-        return _core.matvec(p, _as_float32(x, "x", 1), int8)
-    from . import gpu
-
-    if isinstance(p, gpu.GpuMatrix):
-        return p.matvec(_as_float32(x, "x", 1), activations)
-    raise TypeError(f"matvec takes a PackedMatrix or gpu.GpuMatrix, got {type(p).__name__}")
+    return _apply("matvec", p, x, "x", 1, activations)
 
 
 def matmul(p: Any, x: Any, activations: str = "float32") -> np.ndarray:
     """Y = X W^T. ``X``: (B, K) -> (B, N) float32 (the nn.Linear convention)."""
-    int8 = _activations_flag(activations)
-    if isinstance(p, PackedMatrix):
-        return _core.matmul(p, _as_float32(x, "X", 2), int8)
-    from . import gpu
-
-    if isinstance(p, gpu.GpuMatrix):
-        return p.matmul(_as_float32(x, "X", 2), activations)
-    raise TypeError(f"matmul takes a PackedMatrix or gpu.GpuMatrix, got {type(p).__name__}")
+    return _apply("matmul", p, x, "X", 2, activations)
 
 
 def load(path: str | os.PathLike) -> PackedMatrix:
