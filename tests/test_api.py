@@ -978,6 +978,26 @@ def test_extra_tensor(packed, tmp_path):
     _save(f, arrays, packed.metadata())
     with pytest.raises(pp.FormatError, match="bias"):
         pp.load(f)
+    # The same for from_arrays, whatever the stray array's dtype (a misspelt name is not ignored).
+    for dtype in (np.float16, np.uint8):
+        with pytest.raises(pp.FormatError, match="unexpected array `bias`"):
+            pp.from_arrays(packed.metadata(), dict(packed.arrays(), bias=np.zeros(3, dtype)))
+
+
+def test_from_arrays_metadata_as_integers_or_strings(packed):
+    meta = dict(packed.metadata())
+    ints = {k: (int(v) if v.isdigit() else v) for k, v in meta.items()}
+    q = pp.from_arrays(ints, packed.arrays())
+    assert q.to_bytes() == packed.to_bytes()
+    for key, bad in [("rows", 13.0), ("cols", None), ("block_size", True), ("format_version", [2])]:
+        with pytest.raises(pp.FormatError, match=rf"metadata `{key}` is .*expected a string or an integer"):
+            pp.from_arrays(dict(meta, **{key: bad}), packed.arrays())
+    with pytest.raises(pp.FormatError, match="non-negative integer"):
+        pp.from_arrays(dict(ints, rows=-13), packed.arrays())
+    with pytest.raises(TypeError, match="metadata as a dict"):
+        pp.from_arrays(5, packed.arrays())
+    with pytest.raises(TypeError, match="arrays as a dict"):
+        pp.from_arrays(meta, list(packed.arrays().items()))
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numbers
 import operator
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -187,6 +188,9 @@ def load(path: str | os.PathLike) -> PackedMatrix:
 
 def from_arrays(metadata: dict, arrays: dict) -> PackedMatrix:
     """Rebuild a matrix from ``p.metadata()`` and ``p.arrays()`` (validated)."""
+    for what, m in (("metadata", metadata), ("arrays", arrays)):
+        if not isinstance(m, Mapping):
+            raise TypeError(f"from_arrays takes {what} as a dict (as p.{what}() gives it), got {type(m).__name__}")
     return _core.from_arrays(dict(metadata), dict(arrays))
 
 

@@ -158,7 +158,7 @@ def load(path: str | os.PathLike[str]) -> PackedMatrix:
 def from_bytes(data: bytes) -> PackedMatrix:
     """Parses and validates bytes written by ``PackedMatrix.to_bytes`` / ``save``."""
 
-def from_arrays(meta: dict[str, str], arrays: dict[str, np.ndarray]) -> PackedMatrix:
+def from_arrays(meta: dict[str, str | int], arrays: dict[str, np.ndarray]) -> PackedMatrix:
     """Builds a matrix from ``metadata()`` and ``arrays()`` output, validating every rule of
     FORMAT.md. Raises FormatError, or DtypeError for an array dtype the format never uses."""
 

@@ -27,6 +27,15 @@ pub const TENSOR_NAMES: [&str; 10] = [
     "codes", "scales", "row_scales", "p2_ptr", "p2_block", "p2_scales", "p2_codes", "out_ptr",
     "out_cols", "out_vals",
 ];
+/// Rejects any array name that is not one of `TENSOR_NAMES` (a file or a set of arrays holds
+/// those ten only; a stray name is most likely a misspelt one). The first in sorted order is
+/// named, so the message does not depend on the order the names come in.
+pub fn check_array_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<(), FormatError> {
+    match names.into_iter().filter(|n| !TENSOR_NAMES.contains(n)).min() {
+        Some(n) => invalid(format!("unexpected array `{n}`; a predprey matrix holds only {TENSOR_NAMES:?}")),
+        None => Ok(()),
+    }
+}
 /// Largest 8-bit block-scale code.
 pub const MAX_SCALE_CODE: u8 = 255;
 /// A block scale is `row_scales[r] * code / SCALE_DIV` (a power of two, so the factor
@@ -686,13 +695,7 @@ impl PackedMatrix {
         let (_, header) = safetensors::SafeTensors::read_metadata(buf)
             .map_err(|e| FormatError::Invalid(format!("unreadable safetensors header: {e}")))?;
         let meta = header.metadata().clone().unwrap_or_default();
-        let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
-        names.sort();
-        for n in &names {
-            if !TENSOR_NAMES.contains(&n.as_str()) {
-                return invalid(format!("unexpected array `{n}`; a predprey matrix file holds only {TENSOR_NAMES:?}"));
-            }
-        }
+        check_array_names(st.names())?;
         PackedMatrix::from_tensors(&meta, |name| {
             let v = st.tensor(name).ok()?;
             Some(Tensor { dtype: Dtype::from_st(v.dtype())?, shape: v.shape().to_vec(), data: Cow::Borrowed(v.data()) })

@@ -167,13 +167,32 @@ fn numpy_to_tensor(name: &str, a: &Bound<'_, PyAny>) -> PyResult<Tensor<'static>
 /// Builds a PackedMatrix from its metadata and arrays (as returned by `metadata()` and
 /// `arrays()`), validating every rule of FORMAT.md.
 #[pyfunction]
-fn from_arrays(meta: HashMap<String, String>, arrays: &Bound<'_, PyDict>) -> PyResult<PyPackedMatrix> {
+fn from_arrays(meta: &Bound<'_, PyDict>, arrays: &Bound<'_, PyDict>) -> PyResult<PyPackedMatrix> {
+    // Metadata values as `metadata()` gives them (strings), or integers for the numbers.
+    let mut strs = HashMap::new();
+    for (k, v) in meta.iter() {
+        let k: String = k.extract().map_err(|_| errors::FormatError::new_err(format!("metadata key {k} is not a string")))?;
+        let s = if let Ok(s) = v.extract::<String>() {
+            s
+        } else if v.is_instance_of::<pyo3::types::PyInt>() && !v.is_instance_of::<pyo3::types::PyBool>() {
+            v.str()?.to_string()
+        } else {
+            return Err(errors::FormatError::new_err(format!(
+                "metadata `{k}` is {} ({}); expected a string or an integer",
+                v.repr()?, v.get_type().name()?
+            )));
+        };
+        strs.insert(k, s);
+    }
+    let keys: Vec<String> = arrays.keys().iter().map(|k| k.extract::<String>()).collect::<PyResult<_>>()?;
+    format::check_array_names(keys.iter().map(|k| k.as_str())).map_err(errors::format)?;
     let mut map = HashMap::new();
     for (k, v) in arrays.iter() {
         let k: String = k.extract()?;
         let t = numpy_to_tensor(&k, &v)?;
         map.insert(k, t);
     }
+    let meta = strs;
     let p = PackedMatrix::from_tensors(&meta, |n| map.get(n).cloned()).map_err(errors::format)?;
     Ok(PyPackedMatrix { inner: Arc::new(p) })
 }
