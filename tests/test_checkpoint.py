@@ -163,6 +163,18 @@ def test_dry_run_writes_nothing(tmp_path):
     assert res["totals"]["avg_bits_packed"] == pytest.approx(3.0, abs=1e-3)
 
 
+@pytest.mark.parametrize("kw", [dict(bits=-1.0), dict(bits=float("nan")), dict(bits="3"), dict(block_size=48)])
+def test_bad_arguments_fail_before_any_work(tmp_path, monkeypatch, kw):
+    # Checked up front: not after the tensors before the first packed one were read (as bits
+    # were before), and nothing is left behind.
+    opened = []
+    monkeypatch.setattr(ppio, "open_source", lambda *a, **k: opened.append(a) or pytest.fail("opened the source"))
+    out = tmp_path / "out"
+    with pytest.raises(pp.WeightError, match="bits|block_size"):
+        pp.compress_checkpoint(minilm_dir(), out, **kw)
+    assert not opened and not out.exists() and list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------ generated
 
 

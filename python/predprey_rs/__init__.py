@@ -8,6 +8,7 @@ bytes (Rust on the CPU, WGSL through wgpu on GPUs). The layout is specified in F
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import os
@@ -105,10 +106,14 @@ def _as_float32(a: Any, what: str, ndim: int) -> np.ndarray:
 
 
 def _bits_arg(bits: Any) -> float:
-    """``bits`` as a float, or WeightError naming it (the range is checked by the core)."""
+    """``bits`` as a positive float, or WeightError naming it (checked before any work, so a
+    whole-checkpoint run fails at once; the minimum for a shape is the core's to check)."""
     if isinstance(bits, bool) or not isinstance(bits, numbers.Real):
         raise WeightError(f"bits is {bits!r} ({type(bits).__name__}); expected a number of bits per weight")
-    return float(bits)
+    b = float(bits)
+    if not (b > 0 and math.isfinite(b)):
+        raise WeightError(f"bits = {b}; expected a positive number of bits per weight")
+    return b
 
 
 def _block_size_arg(block_size: Any) -> int:
