@@ -680,8 +680,10 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
         let g = g0 + gi;
         // Every scale below is the 8-bit code as f32: both planes of a row share its row scale
         // row_scales[r] / 256, applied once to the row's sum before the predators are added.
-        // (int8 reads the scale codes of whole superblocks straight from the u8 arrays.)
-        if !INT8 || kp % 512 != 0 {
+        // (int8 reads the scale codes straight from the u8 arrays, superblocks and the columns
+        // past them alike: filling the table for a K = 576 product's one 64-column tail vector
+        // cost about as much as the vector itself.)
+        if !INT8 {
             // SAFETY: scratch size and CPU features per this function's contract.
             unsafe { row_scales(c, g, scr) };
         }
@@ -691,15 +693,24 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
         let mut acc = [[_mm512_setzero_ps(); NB]; R];
         let sf = &scr.f[..R * rs];
 
-        // The row scales (plane `pl`) of the 64-column vector `v`: (lanes/quarters of the first 32
-        // columns, of the last 32); equal unless B = 32.
-        let scales = |pl: usize, v: usize| -> [(__m512, __m512); R] {
+        // The plane-1 row scales of the 64-column vector `v`: (lanes/quarters of the first 32
+        // columns, of the last 32); equal unless B = 32. float32: from the table `row_scales`
+        // filled; int8: from the 8-bit codes (0 for padding rows, and for the block past the
+        // last when B = 32 and the last vector is half padding, as in the table).
+        let scales = |v: usize| -> [(__m512, __m512); R] {
             core::array::from_fn(|i| {
-                let s = &sf[(pl * R + i) * rs..(pl * R + i + 1) * rs];
+                let code = |blk: usize| -> f32 {
+                    if INT8 {
+                        let r = g * R + i;
+                        if r < p.rows && blk < nb { p.scales[r * nb + blk] as f32 } else { 0.0 }
+                    } else {
+                        sf[i * rs + blk]
+                    }
+                };
                 if B32 {
-                    (_mm512_set1_ps(s[2 * v]), _mm512_set1_ps(s[2 * v + 1]))
+                    (_mm512_set1_ps(code(2 * v)), _mm512_set1_ps(code(2 * v + 1)))
                 } else {
-                    let a = _mm512_set1_ps(s[(v * 64) >> lb]);
+                    let a = _mm512_set1_ps(code((v * 64) >> lb));
                     (a, a)
                 }
             })
@@ -864,7 +875,7 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
             prefetch_code(p.codes.as_ptr().wrapping_add(g * kp + 64 * v + AHEAD));
             // SAFETY: 64v + 64 <= kp = base.len().
             let cv = unsafe { _mm512_loadu_si512(base.as_ptr().add(64 * v) as *const _) };
-            let sw = scales(0, v);
+            let sw = scales(v);
             // SAFETY: column 64v + 64 <= kv <= stride (Ctx sizes).
             unsafe { step::<NB, B32, INT8>(cv, 64 * v, &sw, &digit, &pn, &x, &mut acc) };
         }
@@ -874,7 +885,7 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
             let cv = unsafe {
                 _mm512_mask_loadu_epi8(_mm512_set1_epi8(121), 0xFFFF_FFFF, base.as_ptr().add(64 * full) as *const i8)
             };
-            let sw = scales(0, full);
+            let sw = scales(full);
             // SAFETY: column 64 * full + 64 <= kv <= stride.
             unsafe { step::<NB, B32, INT8>(cv, 64 * full, &sw, &digit, &pn, &x, &mut acc) };
         }
