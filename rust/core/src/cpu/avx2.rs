@@ -9,7 +9,8 @@
 //!
 //! int8 ([`group_int8`]): 256-column superblocks of 8 transposed code vectors against `x` in the
 //! same layout, five byte combinations of the digits per vector (`combos`) into `vpmaddubsw`,
-//! one float step per row per superblock (docs/kernels.md).
+//! one float step per row per superblock (docs/kernels.md). A last, partial superblock of 1..4
+//! chunks is `arrange`d into 1, 2 or 4 vectors instead of padded to 8 (`Tail`).
 
 #![allow(clippy::needless_range_loop)] // index loops over rows / batch vectors / lanes read best here
 
@@ -241,8 +242,18 @@ pub(super) unsafe fn prep_int8(xq: &[i8], sx: &[f32], xt: &mut [i8], qsum: &mut 
                 let c = 256 * sb + 32 * l;
                 if c + 32 <= kp { _mm256_loadu_si256(xq.as_ptr().add(c) as *const __m256i) } else { _mm256_setzero_si256() }
             });
-            for (v, t) in transpose8(rows).into_iter().enumerate() {
-                _mm256_storeu_si256(xt.as_mut_ptr().add(256 * sb + 32 * v) as *mut __m256i, t);
+            let out = xt.as_mut_ptr().add(256 * sb) as *mut __m256i;
+            let store = |vs: &[__m256i]| {
+                for (v, t) in vs.iter().enumerate() {
+                    _mm256_storeu_si256(out.add(v), *t);
+                }
+            };
+            // The last, partial superblock of a short tail in the `arrange` layout instead.
+            match if sb + 1 == n_sb && 256 * sb < kp { tail_vectors(kp) } else { 8 } {
+                1 => store(&arrange::<1>([rows[0]])),
+                2 => store(&arrange::<2>([rows[0], rows[1]])),
+                4 => store(&arrange::<4>([rows[0], rows[1], rows[2], rows[3]])),
+                _ => store(&transpose8(rows)),
             }
         }
     }
@@ -280,6 +291,48 @@ fn transpose8(r: [__m256i; 8]) -> [__m256i; 8] {
     }
 }
 
+/// Chunk vectors in the last, partial 256-column superblock: 0 when `kp` is a multiple of 256,
+/// else `V` = 1, 2 or 4 for a tail of 1, 2 or 3..4 chunks (`arrange::<V>` of that many chunk
+/// vectors, zero-padded), 8 for 5..7 (a whole transposed superblock, zero-padded). A tail of
+/// 2 chunks (K = 576: SmolLM2) then costs 2 vectors' work instead of 8.
+pub(super) const fn tail_vectors(kp: usize) -> usize {
+    match (kp % 256) / 32 {
+        0 => 0,
+        1 => 1,
+        2 => 2,
+        3 | 4 => 4,
+        _ => 8,
+    }
+}
+
+/// `V` (1, 2 or 4) chunk vectors of 32 bytes rearranged into `V` vectors whose lane `L` always
+/// holds 4 bytes of chunk `L / (8 / V)` (2 and 4: the 128-bit halves / qwords transposed), so
+/// integer sums over the `V` vectors stay per chunk, like `transpose8` for 8: vector `u`, lane
+/// `L` holds dword `u P + L % P` of chunk `L / P`, `P = 8 / V` (for `V = 8` that is
+/// `transpose8`'s dword `u` of chunk `L`). Codes and `x` go through the same arrangement.
+#[inline(always)]
+fn arrange<const V: usize>(r: [__m256i; V]) -> [__m256i; V] {
+    let mut out = r;
+    // SAFETY: AVX2 is implied by the callers. (Straight-line code, no closures: a closure
+    // around these intrinsics was not always inlined, and the intrinsics then became calls.)
+    unsafe {
+        if V == 2 {
+            // out u = (half u of chunk 0, half u of chunk 1)
+            out[0] = _mm256_permute2x128_si256::<0x20>(r[0], r[1 % V]);
+            out[1 % V] = _mm256_permute2x128_si256::<0x31>(r[0], r[1 % V]);
+        } else if V == 4 {
+            // out u = qword u of chunks 0..4
+            let (lo01, hi01) = (_mm256_unpacklo_epi64(r[0], r[1 % V]), _mm256_unpackhi_epi64(r[0], r[1 % V]));
+            let (lo23, hi23) = (_mm256_unpacklo_epi64(r[2 % V], r[3 % V]), _mm256_unpackhi_epi64(r[2 % V], r[3 % V]));
+            out[0] = _mm256_permute2x128_si256::<0x20>(lo01, lo23);
+            out[1 % V] = _mm256_permute2x128_si256::<0x20>(hi01, hi23);
+            out[2 % V] = _mm256_permute2x128_si256::<0x31>(lo01, lo23);
+            out[3 % V] = _mm256_permute2x128_si256::<0x31>(hi01, hi23);
+        }
+    }
+    out
+}
+
 /// The five combinations of the digits of 32 code bytes `b` that `group_int8` multiplies with
 /// x: `[lo, c0, mid, c2, c4]`, with `b = lo + 9 (mid + 9 c4)`, `lo = c0 + 3 c1`,
 /// `mid = c2 + 3 c3`. `b / 9` and `(b / 9) / 9` as `(v * 57) >> 9` in 16-bit lanes (exact for
@@ -313,11 +366,11 @@ fn combos(b: __m256i) -> [__m256i; R] {
 /// combinations `S1 = (S(lo) - S0) / 3`, `S3 = (S(mid) - S2) / 3` exactly in int32 (the
 /// inverse of 3 modulo 2^32), and `sum t x = sum c x - sum x` (t = c - 1).
 #[inline(always)]
-fn superblock<const NB: usize>(t: &[__m256i; 8], xv: &[[__m256i; 8]; NB], q: &[__m256i; NB], s: &[__m256; NB], w: &[__m256; R], acc: &mut [[__m256; NB]; R]) {
+fn superblock<const NB: usize, const V: usize>(t: &[__m256i; V], xv: &[[__m256i; V]; NB], q: &[__m256i; NB], s: &[__m256; NB], w: &[__m256; R], acc: &mut [[__m256; NB]; R]) {
     // SAFETY: AVX2 + FMA are implied by the callers.
     unsafe {
         let mut a16 = [[_mm256_setzero_si256(); R]; NB];
-        for v in 0..8 {
+        for v in 0..V {
             let k = combos(t[v]);
             for b in 0..NB {
                 for m in 0..R {
@@ -340,6 +393,57 @@ fn superblock<const NB: usize>(t: &[__m256i; 8], xv: &[[__m256i; 8]; NB], q: &[_
                 let ts = _mm256_cvtepi32_ps(_mm256_sub_epi32(sums[i], q[b]));
                 acc[i][b] = _mm256_fmadd_ps(ts, _mm256_mul_ps(w[i], s[b]), acc[i][b]);
             }
+        }
+    }
+}
+
+/// The last, partial superblock of plane 1 when it holds 1..4 chunks (`tail_vectors`): `V`
+/// chunk vectors from column `c0` (code 121 past `kp`) in `arrange` layout against `x` stored
+/// so by `prep_int8`; lane L is chunk `L / (8 / V)`, its sum of `x` taken from those vectors.
+struct Tail<'a, const NB: usize> {
+    /// The group's plane-1 code row (`kp` bytes).
+    codes: &'a [u8],
+    c0: usize,
+    kp: usize,
+    /// Per batch vector: `xt256` (`c0 + 32 V` bytes and more) and `sx256` (`c0 / 32 + 8` values).
+    xt: [&'a [i8]; NB],
+    sx: [&'a [f32]; NB],
+    /// The group's float plane-1 scale table (row stride `rs`, `c0 >> lb` + 8 values per row).
+    t1: &'a [f32],
+    rs: usize,
+    lb: usize,
+}
+
+impl<const NB: usize> Tail<'_, NB> {
+    /// # Safety
+    /// AVX2 + FMA present; the slices are as documented on the fields.
+    // Not inlined, and holding copies of the pointer arrays (not references to `group_int8`'s
+    // locals): inlined, with references, it made LLVM compile `group_int8`'s plane-2 loop worse
+    // (1535 x 512, no tail at all: 75.7 -> 91 us).
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn add<const V: usize>(&self, acc: &mut [[__m256; NB]; R]) {
+        let zero8 = _mm256_set1_epi8(121);
+        let per = 8 / V; // lanes per chunk
+        // SAFETY: code loads of whole chunks below kp = codes.len(); x loads at c0 + 32 u + 32 <=
+        // c0 + 128 <= st256; the 8-float loads as documented on the fields.
+        unsafe {
+            let rows: [__m256i; V] = core::array::from_fn(|l| {
+                let c = self.c0 + 32 * l;
+                if c + 32 <= self.kp { _mm256_loadu_si256(self.codes.as_ptr().add(c) as *const __m256i) } else { zero8 }
+            });
+            let t = arrange::<V>(rows);
+            let xv: [[__m256i; V]; NB] = core::array::from_fn(|b| core::array::from_fn(|u| _mm256_loadu_si256(self.xt[b].as_ptr().add(self.c0 + 32 * u) as *const __m256i)));
+            let (ones8, ones16) = (_mm256_set1_epi8(1), _mm256_set1_epi16(1));
+            let q: [__m256i; NB] = core::array::from_fn(|b| {
+                xv[b].iter().fold(_mm256_setzero_si256(), |a, &v| _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, v), ones16)))
+            });
+            let chunk = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let chunk = _mm256_srlv_epi32(chunk, _mm256_set1_epi32(per.trailing_zeros() as i32));
+            let s: [__m256; NB] = core::array::from_fn(|b| _mm256_permutevar8x32_ps(_mm256_loadu_ps(self.sx[b].as_ptr().add(self.c0 / 32)), chunk));
+            let blk = _mm256_srlv_epi32(_mm256_slli_epi32::<5>(chunk), _mm256_set1_epi32(self.lb as i32));
+            let w: [__m256; R] = core::array::from_fn(|i| _mm256_permutevar8x32_ps(_mm256_loadu_ps(self.t1.as_ptr().add(i * self.rs + (self.c0 >> self.lb))), blk));
+            superblock::<NB, V>(&t, &xv, &q, &s, &w, acc);
         }
     }
 }
@@ -406,7 +510,9 @@ unsafe fn group_int8<const NB: usize>(c: &Ctx, g: usize, b0: usize, out: &mut [f
     // x = 0 there). Lane L is chunk 8 sb + L, in block (256 sb + 32 L) >> lb.
     let lane_blk = _mm256_srlv_epi32(_mm256_setr_epi32(0, 32, 64, 96, 128, 160, 192, 224), _mm256_set1_epi32(lb as i32));
     let codes = &p.codes[g * kp..(g + 1) * kp];
-    for sb in 0..st / 256 {
+    // A short tail (1..4 chunks past the last whole superblock) in `arrange` layout, after them.
+    let short = matches!(tail_vectors(kp), 1 | 2 | 4);
+    for sb in 0..st / 256 - short as usize {
         let c0 = 256 * sb;
         // SAFETY: code loads below kp = codes.len(); x loads at 256 sb + 32 v + 32 <= st; lane
         // loads at 8 sb + 8 <= nc; scale loads at i rs + (256 sb >> lb) + 8 <= i rs + nb + 8
@@ -423,7 +529,18 @@ unsafe fn group_int8<const NB: usize>(c: &Ctx, g: usize, b0: usize, out: &mut [f
             let q: [__m256i; NB] = core::array::from_fn(|b| _mm256_loadu_si256(qs[b].as_ptr().add(8 * sb) as *const __m256i));
             let s: [__m256; NB] = core::array::from_fn(|b| _mm256_loadu_ps(ss[b].as_ptr().add(8 * sb)));
             let w: [__m256; R] = core::array::from_fn(|i| _mm256_permutevar8x32_ps(_mm256_loadu_ps(t1.as_ptr().add(i * rs + (c0 >> lb))), lane_blk));
-            superblock::<NB>(&t, &xv, &q, &s, &w, &mut acc);
+            superblock::<NB, 8>(&t, &xv, &q, &s, &w, &mut acc);
+        }
+    }
+    if short {
+        let tail = Tail { codes, c0: st - 256, kp, xt, sx: ss, t1, rs, lb };
+        // SAFETY: features per this function's contract; `Tail` documents the sizes.
+        unsafe {
+            match tail_vectors(kp) {
+                1 => tail.add::<1>(&mut acc),
+                2 => tail.add::<2>(&mut acc),
+                _ => tail.add::<4>(&mut acc),
+            }
         }
     }
 
@@ -467,7 +584,7 @@ unsafe fn group_int8<const NB: usize>(c: &Ctx, g: usize, b0: usize, out: &mut [f
                 _mm256_loadu_ps(v.as_ptr())
             });
             let w: [__m256; R] = core::array::from_fn(|i| _mm256_permutevar8x32_ps(_mm256_loadu_ps(t2.as_ptr().add(i * rs + (cv0 >> (lb - 5)))), lane_ent));
-            superblock::<NB>(&t, &xv, &q, &s, &w, &mut acc);
+            superblock::<NB, 8>(&t, &xv, &q, &s, &w, &mut acc);
         }
     }
 

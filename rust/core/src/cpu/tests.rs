@@ -377,6 +377,22 @@ fn superblock_paths() {
 }
 
 #[test]
+fn every_tail_past_the_superblocks() {
+    // K past the last whole superblock by every multiple of 32 up to 480 (1..15 chunks of 32
+    // columns): the AVX2 kernel's short tails (`arrange` of 1, 2 or 4 chunk vectors) and its
+    // zero-padded whole superblocks, the AVX-512 kernel's 64-column steps and half vector.
+    let mut seed = 1400;
+    for &block in &crate::format::BLOCK_SIZES {
+        for t in 1..16 {
+            seed += 1;
+            let k = 512 + 32 * t - (seed as usize % 3) * 7 % block.min(32);
+            let p = random_packed(6, k, block, 0.5, 0.02, seed);
+            check_all(&p, &[1, 2, 5], seed, 1.0, false);
+        }
+    }
+}
+
+#[test]
 fn larger_matrix_parallel_path() {
     // Enough work for the threaded path (n_groups * Kp >= 2^17: the team, or the pool).
     let p = random_packed(203, 2304, 64, 0.6, 0.01, 400);
@@ -543,10 +559,15 @@ fn check_int8_prep(level: Level) {
                     assert_eq!(bits(&fast.sx256[b * (t / 32) + j..][..1])[0], if inside { bits(&slow.sx[b * nc + j..][..1])[0] } else { 0 }, "trial {trial}: chunk scales");
                 }
                 for sb in 0..t / 256 {
-                    for v in 0..8 {
+                    // Whole superblocks transposed (V = 8), a short tail arranged (V = 1, 2, 4):
+                    // vector v, lane l holds dword v P + l % P of chunk l / P, P = 8 / V.
+                    let short = avx2::tail_vectors(d.padded_cols);
+                    let nv = if 256 * (sb + 1) > d.padded_cols && short < 8 { short } else { 8 };
+                    let per = 8 / nv;
+                    for v in 0..nv {
                         for l in 0..8 {
                             for j in 0..4 {
-                                let col = 256 * sb + 32 * l + 4 * v + j;
+                                let col = 256 * sb + 32 * (l / per) + 4 * (v * per + l % per) + j;
                                 let want = if col < d.padded_cols { slow.xq[b * st + col] } else { 0 };
                                 assert_eq!(fast.xt256[b * t + 256 * sb + 32 * v + 4 * l + j], want, "trial {trial}: layout");
                             }
