@@ -17,7 +17,7 @@
 
 #![allow(clippy::needless_range_loop)] // index loops over rows / batch vectors / lanes read best here
 
-use super::{prefetch_code, Activations, Ctx, Scratch, AHEAD, BATCH_TILE};
+use super::{int8_superblocks, prefetch_code, Activations, Ctx, Scratch, AHEAD, BATCH_TILE};
 use crate::format::{row_unit, ROWS_PER_GROUP};
 use core::arch::x86_64::*;
 
@@ -669,7 +669,7 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
     let bsi = lb - 5; // 0..4 for B = 32..256
     // SAFETY (all loads of the lane tables): 16 aligned i32 each.
     let unit = unsafe { _mm512_load_si512(LANE_UNIT[bsi].0.as_ptr() as *const _) };
-    let n_sb = if INT8 { kp / 512 } else { 0 };
+    let n_sb = if INT8 { int8_superblocks(kp) } else { 0 };
     // Blocks per superblock, and so plane-2 entries (one block each) per pseudo-superblock.
     let bps = 512 >> lb;
     // SAFETY: 16 aligned i32.
@@ -723,8 +723,35 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
         let s1_mask: [__mmask16; R] = core::array::from_fn(|i| if g * R + i < p.rows { (((1u32 << bps) - 1) & 0xFFFF) as __mmask16 } else { 0 });
         // Superblocks of 512 columns (int8): codes transposed so lane L of all 8 vectors is one
         // 32-column chunk, int32 sums over the superblock, one float step per row.
-        for sb in 0..n_sb {
+        // One superblock `sb` of codes `src` (already loaded), its blocks `in_row` (a mask of the
+        // bps blocks: all but in a partial last one).
+        let plane1 = |sb: usize, src: [__m512i; 8], in_row: __mmask16, acc: &mut [[__m512; NB]; R]| {
             let first = sb * bps;
+            // SAFETY: AVX-512F present.
+            let t1 = unsafe { transpose8(src) };
+            // SAFETY: sxt and qsumt hold stride / 32 >= 16 sb + 16 values per batch vector
+            // (stride >= 512 int8_superblocks(kp): `Prep::new`); the masked scale load reads row
+            // r's blocks first.. below nb, inside `scales` (N * nb); features per this function's
+            // contract.
+            unsafe {
+                let sx: [__m512; NB] = core::array::from_fn(|b| _mm512_loadu_ps(x.sxt[b].add(16 * sb)));
+                let sw: [__m512; R] = core::array::from_fn(|i| {
+                    let h = _mm_maskz_loadu_epi8(s1_mask[i] & in_row, p.scales.as_ptr().wrapping_add(s1_row[i] + first) as *const i8);
+                    _mm512_permutexvar_ps(unit, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(h)))
+                });
+                let qs: [__m512i; NB] = core::array::from_fn(|b| _mm512_loadu_si512(x.qsumt[b].add(16 * sb) as *const _));
+                let mut q = [[_mm512_setzero_si512(); NB]; 8];
+                for v in 0..8 {
+                    for b in 0..NB {
+                        // 512 sb + 512 <= stride bytes of xt per batch vector (as above).
+                        q[v][b] = _mm512_loadu_si512(x.xt[b].add(512 * sb + 64 * v) as *const _);
+                    }
+                }
+                sb_plane::<NB>(&t1, &q, &qs, &packed, &sw, &sx, acc);
+            }
+        };
+        let whole = kp / 512;
+        for sb in 0..whole.min(n_sb) {
             // The code rows of all groups are one contiguous stream: prefetch AHEAD bytes on
             // (into the next group's row near the end of this one).
             let row_at = g * kp + 512 * sb + AHEAD;
@@ -733,27 +760,22 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
             }
             // SAFETY: 512 sb + 512 <= kp = base.len().
             let src: [__m512i; 8] = unsafe { core::array::from_fn(|s| _mm512_loadu_si512(base.as_ptr().add(512 * sb + 64 * s) as *const _)) };
-            // SAFETY: AVX-512F present.
-            let t1 = unsafe { transpose8(src) };
-            // SAFETY: sxt and qsumt hold stride / 32 >= 16 sb + 16 values per batch vector; the
-            // masked scale load reads row r's blocks first..first + bps <= nb (whole superblocks),
-            // inside `scales` (N * nb); features per this function's contract.
-            unsafe {
-                let sx: [__m512; NB] = core::array::from_fn(|b| _mm512_loadu_ps(x.sxt[b].add(16 * sb)));
-                let sw: [__m512; R] = core::array::from_fn(|i| {
-                    let h = _mm_maskz_loadu_epi8(s1_mask[i], p.scales.as_ptr().wrapping_add(s1_row[i] + first) as *const i8);
-                    _mm512_permutexvar_ps(unit, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(h)))
-                });
-                let qs: [__m512i; NB] = core::array::from_fn(|b| _mm512_loadu_si512(x.qsumt[b].add(16 * sb) as *const _));
-                let mut q = [[_mm512_setzero_si512(); NB]; 8];
-                for v in 0..8 {
-                    for b in 0..NB {
-                        // col + 64 <= kp <= stride; xt holds stride bytes per batch vector.
-                        q[v][b] = _mm512_loadu_si512(x.xt[b].add(512 * sb + 64 * v) as *const _);
-                    }
-                }
-                sb_plane::<NB>(&t1, &q, &qs, &packed, &sw, &sx, &mut acc);
-            }
+            plane1(sb, src, !0, &mut acc);
+        }
+        if n_sb > whole {
+            // The last, partial superblock (`int8_superblocks`): only its bytes below kp are
+            // read (masked; code 121 past them), only its blocks below nb.
+            let sb = whole;
+            // SAFETY: the masked loads read base[at..kp] only.
+            let src: [__m512i; 8] = unsafe {
+                core::array::from_fn(|s| {
+                    let at = 512 * sb + 64 * s;
+                    let n = kp.saturating_sub(at).min(64);
+                    let m: __mmask64 = if n == 64 { !0 } else { (1u64 << n) - 1 };
+                    _mm512_mask_loadu_epi8(_mm512_set1_epi8(121), m, base.as_ptr().wrapping_add(at) as *const i8)
+                })
+            };
+            plane1(sb, src, ((1u32 << (nb - sb * bps)) - 1) as __mmask16, &mut acc);
         }
 
         // Plane 2 (int8): 512 contiguous code bytes = 512 / B consecutive entries of the group
@@ -879,8 +901,9 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
             // SAFETY: column 64v + 64 <= kv <= stride (Ctx sizes).
             unsafe { step::<NB, B32, INT8>(cv, 64 * v, &sw, &digit, &pn, &x, &mut acc) };
         }
-        if kp % 64 != 0 {
-            // The last 32 columns (Kp is a multiple of 32): the upper half reads as code 121 (t = 0).
+        if kp % 64 != 0 && 512 * n_sb < kp {
+            // The last 32 columns (Kp is a multiple of 32), unless a partial superblock took
+            // them: the upper half reads as code 121 (t = 0).
             // SAFETY: only the low 32 bytes are read (mask), and 64 * full + 32 == kp.
             let cv = unsafe {
                 _mm512_mask_loadu_epi8(_mm512_set1_epi8(121), 0xFFFF_FFFF, base.as_ptr().add(64 * full) as *const i8)

@@ -394,6 +394,16 @@ pub(crate) fn predators_f32(c: &Ctx, r: usize, xf: &[f32]) -> f32 {
     sum
 }
 
+/// 512-column superblocks the AVX-512 int8 kernel runs over a padded width `kp`: the whole
+/// ones, plus the last, partial one (zero codes and zero `x` past `kp`) when it holds at least 6
+/// of its 8 code vectors; fewer go through 64-column steps, each with its own float step. (A
+/// K = 960 product's 7 such vectors cost ~1.8x a whole superblock; at 3.0 bits, 1535 rows, one
+/// thread: K = 960 71.0 -> 67.5 us, 896 65.8 -> 64.7; with 5 and 4 vectors it measured 1-5 %
+/// slower, so those keep the steps.)
+pub(crate) const fn int8_superblocks(kp: usize) -> usize {
+    kp / 512 + ((kp % 512).div_ceil(64) >= 6) as usize
+}
+
 /// The 32-column chunk (0..16) that dword lane `l` of the AVX-512 superblock layout covers:
 /// lane `l = 4 m + j` holds source vector `4 (m / 2) + j`, half `m % 2` (see `avx512::transpose8`).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -445,7 +455,11 @@ pub(crate) struct Prep {
 impl Prep {
     fn new(x: &[f32], batch: usize, d: &Dims, act: Activations, level: Level) -> Prep {
         let k = d.cols;
-        let stride = d.padded_cols.div_ceil(64) * 64 + 64;
+        // int8: room for the AVX-512 kernel's last, partial superblock (`int8_superblocks`);
+        // the same stride on every level, so the preparations compare value for value.
+        let sb_cols = if act == Activations::Int8 { 512 * int8_superblocks(d.padded_cols) } else { 0 };
+        let stride = (d.padded_cols.div_ceil(64) * 64 + 64).max(sb_cols);
+        let avx512 = cfg!(target_arch = "x86_64") && act == Activations::Int8 && level == Level::Avx512 && level.supported();
         let mut xf = vec![0f32; batch * stride];
         for (dst, src) in xf.chunks_exact_mut(stride).zip(x.chunks_exact(k)) {
             dst[..k].copy_from_slice(src);
@@ -458,7 +472,6 @@ impl Prep {
             xq = vec![0i8; batch * stride];
             sx = vec![0f32; batch * nc];
             // The AVX-512 kernel also reads the superblock layout, which its preparation writes.
-            let avx512 = cfg!(target_arch = "x86_64") && level == Level::Avx512 && level.supported();
             if avx512 {
                 (xt, sxt, qsum, qsumt) = (vec![0i8; batch * stride], vec![0f32; batch * nc], vec![0i32; batch * nc], vec![0i32; batch * nc]);
             }
@@ -473,9 +486,9 @@ impl Prep {
                 #[cfg(target_arch = "x86_64")]
                 match level {
                     // SAFETY: the CPU has AVX-512 (checked above); the slices have the lengths
-                    // `prep_int8` asks for (stride a multiple of 64, 512 * (padded_cols / 512) < stride).
+                    // `prep_int8` asks for (stride a multiple of 64, >= 512 int8_superblocks).
                     Level::Avx512 if avx512 => unsafe {
-                        avx512::prep_int8(xs, qs, ss, &mut qsum[c.clone()], &mut xt[v], &mut sxt[c.clone()], &mut qsumt[c], d.padded_cols / 512);
+                        avx512::prep_int8(xs, qs, ss, &mut qsum[c.clone()], &mut xt[v], &mut sxt[c.clone()], &mut qsumt[c], int8_superblocks(d.padded_cols));
                         continue;
                     },
                     // SAFETY: the CPU has AVX2 + FMA + F16C (checked here); stride = 32 * nc.
