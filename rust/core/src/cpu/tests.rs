@@ -561,7 +561,10 @@ fn check_int8_prep(level: Level) {
                 for sb in 0..t / 256 {
                     // Whole superblocks transposed (V = 8), a short tail arranged (V = 1, 2, 4):
                     // vector v, lane l holds dword v P + l % P of chunk l / P, P = 8 / V.
+                    #[cfg(target_arch = "x86_64")]
                     let short = avx2::tail_vectors(d.padded_cols);
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let short = 8; // (no AVX2 level here: this block does not run)
                     let nv = if 256 * (sb + 1) > d.padded_cols && short < 8 { short } else { 8 };
                     let per = 8 / nv;
                     for v in 0..nv {
