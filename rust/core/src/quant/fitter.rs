@@ -449,6 +449,7 @@ impl Fitter {
             // SAFETY: `avx2` is set only by `detect_simd`, after checking the CPU has AVX2.
             return unsafe { gains_first_max_avx2(&self.pa, &self.ph, &self.live, n) };
         }
+        let _ = hint; // (only the AVX2 scan starts from it)
         for p in 0..n {
             let (a, hs) = (self.pa[p], self.ph[p]);
             self.g[p] = if self.live[p] > 0.0 && hs > 0.0 { a * a / hs } else { 0.0 };
