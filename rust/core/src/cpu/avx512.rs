@@ -389,6 +389,19 @@ pub(super) unsafe fn prep_int8(
     }
 }
 
+/// The 64 code bytes of `s` from `at` on, code 121 (five ternary zeros) past the end of `s`:
+/// a masked load, so nothing past `s` is read (a partial superblock or plane-2 set).
+///
+/// # Safety
+/// The CPU has AVX-512F/BW.
+#[inline(always)]
+unsafe fn codes_or_zero(s: &[u8], at: usize) -> __m512i {
+    let n = s.len().saturating_sub(at).min(64);
+    let m: __mmask64 = if n == 64 { !0 } else { (1u64 << n) - 1 };
+    // SAFETY: the mask covers s[at..at + n] only, inside `s`; features per the contract.
+    unsafe { _mm512_mask_loadu_epi8(_mm512_set1_epi8(121), m, s.as_ptr().wrapping_add(at) as *const i8) }
+}
+
 /// Transposes 8 vectors of 16 dwords (the 8 x 64 code bytes of a superblock, dword = 4
 /// columns): output `w`, dword `L = 4 m + j` = input `4 (m / 2) + j`, dword `8 (m % 2) + w`,
 /// i.e. the 4 columns at offset `4 w` of chunk `lane_chunk(L)`. Two stages of in-lane unpacks
@@ -766,14 +779,9 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
             // The last, partial superblock (`int8_superblocks`): only its bytes below kp are
             // read (masked; code 121 past them), only its blocks below nb.
             let sb = whole;
-            // SAFETY: the masked loads read base[at..kp] only.
+            // SAFETY: `codes_or_zero` reads below kp = base.len() only; AVX-512BW present.
             let src: [__m512i; 8] = unsafe {
-                core::array::from_fn(|s| {
-                    let at = 512 * sb + 64 * s;
-                    let n = kp.saturating_sub(at).min(64);
-                    let m: __mmask64 = if n == 64 { !0 } else { (1u64 << n) - 1 };
-                    _mm512_mask_loadu_epi8(_mm512_set1_epi8(121), m, base.as_ptr().wrapping_add(at) as *const i8)
-                })
+                core::array::from_fn(|s| codes_or_zero(base, 512 * sb + 64 * s))
             };
             plane1(sb, src, ((1u32 << (nb - sb * bps)) - 1) as __mmask16, &mut acc);
         }
@@ -814,11 +822,7 @@ unsafe fn group<const NB: usize, const B32: bool, const INT8: bool>(
                 let src: [__m512i; 8] = if cnt == bps {
                     core::array::from_fn(|s| _mm512_loadu_si512(codes.as_ptr().add(64 * s) as *const _))
                 } else {
-                    core::array::from_fn(|s| {
-                        let n = codes.len().saturating_sub(64 * s).min(64);
-                        let m: __mmask64 = if n == 64 { !0 } else { (1u64 << n) - 1 };
-                        _mm512_mask_loadu_epi8(_mm512_set1_epi8(121), m, codes.as_ptr().wrapping_add(64 * s) as *const i8)
-                    })
+                    core::array::from_fn(|s| codes_or_zero(codes, 64 * s))
                 };
                 let t2 = transpose8(src);
                 let mut q = [[_mm512_setzero_si512(); NB]; 8];
