@@ -93,7 +93,10 @@ def _as_float32(a: Any, what: str, ndim: int) -> np.ndarray:
     # (with only a RuntimeWarning); name it instead.
     with np.errstate(over="ignore"):
         out = np.ascontiguousarray(a, dtype=np.float32)
-    lost = np.isinf(out) & np.isfinite(a)
+    inf = np.isinf(out)
+    if not inf.any():  # the usual case: one pass over the float32 result, none over the source
+        return out
+    lost = inf & np.isfinite(a)
     if lost.any():
         at = np.unravel_index(int(np.argmax(lost)), a.shape)
         where = f"row {at[0]}, col {at[1]}" if a.ndim == 2 else f"index {at[0]}"
