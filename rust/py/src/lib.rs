@@ -184,16 +184,15 @@ fn from_arrays(meta: &Bound<'_, PyDict>, arrays: &Bound<'_, PyDict>) -> PyResult
         };
         strs.insert(k, s);
     }
-    let keys: Vec<String> = arrays.keys().iter().map(|k| k.extract::<String>()).collect::<PyResult<_>>()?;
-    format::check_array_names(keys.iter().map(|k| k.as_str())).map_err(errors::format)?;
+    // Names first (a stray one is named even when its dtype is not a format dtype), then arrays.
+    let items: Vec<(String, Bound<'_, PyAny>)> = arrays.iter().map(|(k, v)| Ok((k.extract::<String>()?, v))).collect::<PyResult<_>>()?;
+    format::check_array_names(items.iter().map(|(k, _)| k.as_str())).map_err(errors::format)?;
     let mut map = HashMap::new();
-    for (k, v) in arrays.iter() {
-        let k: String = k.extract()?;
+    for (k, v) in items {
         let t = numpy_to_tensor(&k, &v)?;
         map.insert(k, t);
     }
-    let meta = strs;
-    let p = PackedMatrix::from_tensors(&meta, |n| map.get(n).cloned()).map_err(errors::format)?;
+    let p = PackedMatrix::from_tensors(&strs, |n| map.get(n).cloned()).map_err(errors::format)?;
     Ok(PyPackedMatrix { inner: Arc::new(p) })
 }
 

@@ -511,7 +511,8 @@ unsafe fn group_int8<const NB: usize>(c: &Ctx, g: usize, b0: usize, out: &mut [f
     let lane_blk = _mm256_srlv_epi32(_mm256_setr_epi32(0, 32, 64, 96, 128, 160, 192, 224), _mm256_set1_epi32(lb as i32));
     let codes = &p.codes[g * kp..(g + 1) * kp];
     // A short tail (1..4 chunks past the last whole superblock) in `arrange` layout, after them.
-    let short = matches!(tail_vectors(kp), 1 | 2 | 4);
+    let tail_v = tail_vectors(kp);
+    let short = matches!(tail_v, 1 | 2 | 4);
     for sb in 0..st / 256 - short as usize {
         let c0 = 256 * sb;
         // SAFETY: code loads below kp = codes.len(); x loads at 256 sb + 32 v + 32 <= st; lane
@@ -536,7 +537,7 @@ unsafe fn group_int8<const NB: usize>(c: &Ctx, g: usize, b0: usize, out: &mut [f
         let tail = Tail { codes, c0: st - 256, kp, xt, sx: ss, t1, rs, lb };
         // SAFETY: features per this function's contract; `Tail` documents the sizes.
         unsafe {
-            match tail_vectors(kp) {
+            match tail_v {
                 1 => tail.add::<1>(&mut acc),
                 2 => tail.add::<2>(&mut acc),
                 _ => tail.add::<4>(&mut acc),
