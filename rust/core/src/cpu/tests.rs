@@ -662,8 +662,8 @@ fn invalid_matrices_never_panic() {
 
 /// Random corruptions of whole files (1-4 bytes set to random values, or a truncation): the
 /// reader returns an error or a matrix that passed validation, and every kernel then runs on
-/// that matrix without a panic (and, under `-Zsanitizer=address`, without an out-of-bounds
-/// access: docs/kernels.md "Session 16").
+/// that matrix without a panic (and, under `-Zsanitizer=address` or Miri, without an
+/// out-of-bounds access or undefined behaviour: tests/asan.sh, tests/miri.sh).
 #[test]
 fn corrupted_files_load_or_fail_cleanly() {
     let mut rng = Rng::new(1300);
@@ -673,7 +673,8 @@ fn corrupted_files_load_or_fail_cleanly() {
         let bytes = p.to_safetensors_bytes().unwrap();
         let x: Vec<f32> = (0..3 * cols).map(|_| rng.normal() as f32).collect();
         let mut y = vec![0f32; 3 * rows];
-        for _ in 0..1000 {
+        // (Under Miri, tests/miri.sh, which interprets every step: fewer.)
+        for _ in 0..if cfg!(miri) { 10 } else { 1000 } {
             let mut b = bytes.clone();
             if rng.below(8) == 0 {
                 b.truncate(rng.below(b.len()));
@@ -701,7 +702,8 @@ fn corrupted_files_load_or_fail_cleanly() {
         }
     }
     // Both outcomes occur (a byte inside code, scale or value data often leaves a valid matrix).
-    assert!(loaded > 100 && rejected > 100, "loaded {loaded}, rejected {rejected}");
+    let total = loaded + rejected;
+    assert!(loaded * 40 > total && rejected * 2 > total, "loaded {loaded}, rejected {rejected}");
 }
 
 #[test]
